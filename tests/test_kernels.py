@@ -1,0 +1,179 @@
+"""The fused step: Triton kernel (interpreter on CPU) against the PyTorch reference."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from torch_l2o.kernels import HAVE_TRITON, interpret_mode, kernel_supports, prox_grad_step
+from torch_l2o.kernels.triton_step import broadcast_divisor
+
+needs_kernel = pytest.mark.skipif(
+    not HAVE_TRITON or not (torch.cuda.is_available() or interpret_mode()),
+    reason="needs triton, and CUDA or TRITON_INTERPRET=1",
+)
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+KERNEL_PROX = {
+    "none": {}, "l1": {"lam": 0.3}, "nonneg": {}, "nonneg_l1": {"lam": 0.2},
+    "elastic_net": {"lam": 0.1, "lam2": 0.7}, "l2sq": {"lam": 1.5}, "box": {"lo": -0.4, "hi": 0.6},
+}
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _operand(kind, shape, k, g, low, high):
+    """A scalar, a per-instance tensor (first k dims, then ones) or a per-coordinate one."""
+    if kind == "scalar":
+        return float(torch.empty(()).uniform_(low, high, generator=g))
+    if kind == "instance":
+        return torch.empty(tuple(shape[:k]) + (1,) * (len(shape) - k)).uniform_(low, high, generator=g)
+    return torch.empty(shape).uniform_(low, high, generator=g)
+
+
+def _ulps(a, b, dtype):
+    """Largest difference in units of the storage dtype's spacing at b."""
+    a, b = a.double(), b.double()
+    spacing = torch.finfo(dtype).eps * torch.clamp(b.abs(), min=torch.finfo(dtype).tiny)
+    return float(((a - b).abs() / spacing).max()) if a.numel() else 0.0
+
+
+@needs_kernel
+@given(
+    shape=st.lists(st.integers(1, 37), min_size=1, max_size=3).filter(lambda s: math.prod(s) > 0)
+    | st.sampled_from([(3, 1500), (2050,), (1024,), (4, 3, 257)]),
+    prox=st.sampled_from(sorted(KERNEL_PROX)),
+    dtype=st.sampled_from(sorted(DTYPES)),
+    kinds=st.tuples(*[st.sampled_from(["scalar", "instance", "coord"])] * 3),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_kernel_matches_reference(shape, prox, dtype, kinds, seed):
+    dt = DTYPES[dtype]
+    g = torch.Generator().manual_seed(seed)
+    k = min(1, len(shape) - 1) if len(shape) > 1 else 0
+    y = torch.randn(shape, generator=g).to(dt)
+    grad = torch.randn(shape, generator=g).to(dt)
+    x = torch.randn(shape, generator=g).to(dt)
+    lr = _operand(kinds[0], shape, k, g, 0.05, 1.0)
+    p = _operand(kinds[1], shape, k, g, 0.0, 2.0)
+    a = _operand(kinds[2], shape, k, g, 0.0, 2.0)
+    params = KERNEL_PROX[prox]
+    to_dev = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
+    y, grad, x, lr, p, a = map(to_dev, (y, grad, x, lr, p, a))
+    assert kernel_supports(y, grad, x, lr, p, a, prox, params)
+
+    x_ref, y_ref = prox_grad_step(y, grad, x, lr=lr, p=p, a=a, prox=prox, params=params)
+    xk, yk = x.clone(), y.clone()
+    out = prox_grad_step(yk, grad, xk, lr=lr, p=p, a=a, prox=prox, params=params, inplace=True, backend="triton")
+    assert out[0] is xk and out[1] is yk
+    if dt is torch.bfloat16 or DEVICE == "cuda":
+        # Triton's interpreter rounds float32 -> bfloat16 by truncation, and GPUs may
+        # fuse multiply-adds: at most one unit in the last place of storage apart.
+        assert _ulps(xk, x_ref, dt) <= 1.0 + 1e-9 and _ulps(yk, y_ref, dt) <= 2.0 + 1e-9
+    else:
+        assert torch.equal(xk, x_ref) and torch.equal(yk, y_ref)
+
+
+@needs_kernel
+def test_kernel_propagates_nan_like_reference():
+    y = torch.tensor([math.nan, 1.0, -2.0, math.inf], device=DEVICE)
+    g = torch.zeros(4, device=DEVICE)
+    x = torch.zeros(4, device=DEVICE)
+    for prox, params in KERNEL_PROX.items():
+        xr, _ = prox_grad_step(y, g, x, lr=0.1, prox=prox, params=params)
+        xk, yk = x.clone(), y.clone()
+        prox_grad_step(yk, g, xk, lr=0.1, prox=prox, params=params, inplace=True, backend="triton")
+        assert torch.equal(torch.isnan(xk), torch.isnan(xr)), prox
+        assert torch.isnan(xk[0]), prox
+
+
+def test_textbook_values():
+    """x+ = soft(y - t g, t lam), y+ = x+ + a (x+ - x), written out by hand."""
+    y = torch.tensor([1.0, -1.0, 0.2], dtype=torch.float64)
+    g = torch.tensor([-1.0, 2.0, 0.0], dtype=torch.float64)
+    x = torch.tensor([0.5, 0.0, 1.0], dtype=torch.float64)
+    xn, yn = prox_grad_step(y, g, x, lr=0.5, p=2.0, a=0.5, prox="l1", params={"lam": 0.25})
+    # t = 1: z = [2, -3, 0.2]; threshold 0.25 -> [1.75, -2.75, 0]
+    assert torch.equal(xn, torch.tensor([1.75, -2.75, 0.0], dtype=torch.float64))
+    assert torch.equal(yn, xn + 0.5 * (xn - x))
+
+
+def test_reference_is_differentiable():
+    g = torch.Generator().manual_seed(0)
+    y = torch.randn(6, dtype=torch.float64, generator=g, requires_grad=True)
+    grad = torch.randn(6, dtype=torch.float64, generator=g)
+    x = torch.randn(6, dtype=torch.float64, generator=g)
+    p = (torch.rand(6, dtype=torch.float64, generator=g) + 0.5).requires_grad_(True)
+    a = torch.rand(6, dtype=torch.float64, generator=g).requires_grad_(True)
+
+    def f(y, p, a):
+        return prox_grad_step(y, grad, x, lr=0.3, p=p, a=a, prox="l1", params={"lam": 0.1})
+
+    assert torch.autograd.gradcheck(f, (y, p, a))
+
+
+def test_inplace_reference_path_and_fallbacks():
+    """CPU tensors, float64, non-contiguous tensors and non-elementwise proxes run the
+    reference in place, with the same result as out of place."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(8, 6, dtype=torch.float64, generator=g)
+    for y in (base.clone(), base.clone().T):  # contiguous and not
+        grad = torch.randn(y.shape, dtype=torch.float64, generator=g)
+        x = torch.randn(y.shape, dtype=torch.float64, generator=g)
+        for prox, params in (("l1", {"lam": 0.2}), ("group_l1", {"lam": 0.5, "dim": 0})):
+            xr, yr = prox_grad_step(y, grad, x, lr=0.4, a=0.3, prox=prox, params=params)
+            xi, yi = x.clone(), y.clone()
+            prox_grad_step(yi, grad, xi, lr=0.4, a=0.3, prox=prox, params=params, inplace=True)
+            assert torch.equal(xi, xr) and torch.equal(yi, yr)
+
+
+def test_backend_errors():
+    y = torch.zeros(4)
+    with pytest.raises(ValueError, match="kernel cannot run this step"):
+        prox_grad_step(y, y, y.clone(), lr=0.1, prox="group_l1", params={"lam": 0.1, "dim": -1},
+                       inplace=True, backend="triton")
+    with pytest.raises(ValueError, match="in place only"):
+        prox_grad_step(y, y, y, lr=0.1, backend="triton")
+    with pytest.raises(ValueError, match="backend must be"):
+        prox_grad_step(y, y, y, lr=0.1, backend="cuda")
+
+
+def test_broadcast_divisor():
+    like = torch.empty(4, 5, 6)
+    assert broadcast_divisor(torch.empty(4, 5, 6), like) == 1
+    assert broadcast_divisor(torch.empty(4, 1, 1), like) == 30
+    assert broadcast_divisor(torch.empty(4, 5, 1), like) == 6
+    assert broadcast_divisor(torch.empty(()), like) == 120
+    assert broadcast_divisor(torch.empty(1, 5, 6), like) is None  # broadcasts over dim 0
+    assert broadcast_divisor(torch.empty(5, 6), like) is None
+    assert broadcast_divisor(torch.empty(6, 4).T, torch.empty(4, 6)) is None  # not contiguous
+
+
+def test_op_is_registered_and_runs():
+    op = torch.ops.torch_l2o.fused_prox_step
+    y = torch.tensor([1.0, -1.0])
+    g = torch.tensor([1.0, 1.0])
+    x = torch.zeros(2)
+    op(x, y, g, None, None, None, 0.5, 0.0, 1, 0.1, 0.0, -math.inf, math.inf)
+    # t = 0.5: z = [0.5, -1.5], threshold 0.05
+    assert torch.allclose(x, torch.tensor([0.45, -1.45])) and torch.equal(x, y)
+
+
+def test_torch_compile_traces_the_step():
+    def step(y, g, x, p):
+        return prox_grad_step(y, g, x, lr=0.5, p=p, a=0.25, prox="l1", params={"lam": 0.1}, inplace=True)
+
+    def op_step(y, g, x, p):
+        torch.ops.torch_l2o.fused_prox_step(x, y, g, None, p, None, 0.5, 0.25, 1, 0.1, 0.0, -math.inf, math.inf)
+        return x, y
+
+    gen = torch.Generator().manual_seed(0)
+    args = [torch.randn(64, generator=gen) for _ in range(3)] + [torch.rand(64, generator=gen) * 2]
+    for fn in (step, op_step):
+        eager = [a.clone() for a in args]
+        fn(*eager)
+        compiled = [a.clone() for a in args]
+        torch._dynamo.reset()
+        torch.compile(fn, backend="aot_eager", fullgraph=True)(*compiled)
+        assert torch.allclose(compiled[0], eager[0]) and torch.allclose(compiled[2], eager[2])

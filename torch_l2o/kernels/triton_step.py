@@ -1,0 +1,138 @@
+"""The fused prox-gradient step as one Triton kernel.
+
+One launch per tensor reads ``y, g, x`` (and the optional per-coordinate or
+per-instance tensors ``lr, p, a``) once and writes ``x, y`` once, computing in
+float32 whatever the storage (float32, bfloat16, float16). Step sizes and
+strengths are runtime arguments, so changing them never recompiles; the prox kind
+and which operands are tensors are compile-time constants (a handful of variants).
+
+Runs on CUDA devices, and on the CPU under ``TRITON_INTERPRET=1`` (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from torch import Tensor
+
+try:  # triton is optional: CPU-only installs use the PyTorch reference
+    import triton
+    import triton.language as tl
+
+    HAVE_TRITON = True
+except ImportError:  # pragma: no cover - exercised on installs without triton
+    triton = None
+    tl = None
+    HAVE_TRITON = False
+
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+BLOCK = 1024
+
+
+def interpret_mode() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _fused_prox_step_kernel(
+        x_ptr, y_ptr, g_ptr, lr_ptr, p_ptr, a_ptr,
+        n_elements, lr_div, p_div, a_div,
+        t_scale, a_scale, lam, lam2, lo, hi,
+        HAS_LR: tl.constexpr, HAS_P: tl.constexpr, HAS_A: tl.constexpr,
+        PROX: tl.constexpr, BLOCK: tl.constexpr,
+    ):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n_elements
+        y = tl.load(y_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+
+        # t = lr * p in the reference's order: tensor factors times the scalar ones
+        if HAS_LR:
+            t = tl.load(lr_ptr + offs // lr_div, mask=mask, other=0.0).to(tl.float32) * t_scale
+        else:
+            t = t_scale + tl.zeros_like(y)
+        if HAS_P:
+            t = t * tl.load(p_ptr + offs // p_div, mask=mask, other=0.0).to(tl.float32)
+        if HAS_A:
+            a = tl.load(a_ptr + offs // a_div, mask=mask, other=0.0).to(tl.float32)
+        else:
+            a = a_scale
+
+        z = y - t * g
+        # `z * 0.0` rather than 0.0 where the prox is zero, so NaN propagates as in torch
+        if PROX == 1:  # l1: soft-thresholding
+            thr = t * lam
+            xn = tl.where(z > thr, z - thr, tl.where(z < -thr, z + thr, z * 0.0))
+        elif PROX == 2:  # nonneg
+            xn = tl.where(z < 0.0, 0.0, z)
+        elif PROX == 3:  # nonneg_l1
+            w = z - t * lam
+            xn = tl.where(w < 0.0, 0.0, w)
+        elif PROX == 4:  # elastic_net
+            thr = t * lam
+            s = tl.where(z > thr, z - thr, tl.where(z < -thr, z + thr, z * 0.0))
+            xn = s / (1 + t * lam2)
+        elif PROX == 5:  # l2sq
+            xn = z / (1 + t * lam)
+        elif PROX == 6:  # box
+            w = tl.where(z < lo, lo, z)
+            xn = tl.where(w > hi, hi, w)
+        else:  # none
+            xn = z
+        yn = xn + a * (xn - x)
+        tl.store(x_ptr + offs, xn.to(x_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + offs, yn.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+def broadcast_divisor(v: Tensor, like: Tensor) -> int | None:
+    """How many consecutive elements of ``like`` share one element of ``v``.
+
+    ``v`` must be contiguous and either ``like``'s shape (divisor 1), a single
+    element, or a leading prefix of ``like``'s shape followed by ones, such as
+    ``(B, 1)`` for ``(B, n)`` (divisor ``n``). ``None`` for anything else.
+    """
+    if not v.is_contiguous():
+        return None
+    if tuple(v.shape) == tuple(like.shape):
+        return 1
+    if v.numel() == 1:
+        return max(like.numel(), 1)
+    if v.dim() != like.dim():
+        return None
+    k = v.dim()
+    while k > 0 and v.shape[k - 1] == 1:
+        k -= 1
+    if tuple(v.shape[:k]) != tuple(like.shape[:k]):
+        return None
+    return math.prod(like.shape[k:])
+
+
+def launch(
+    x: Tensor, y: Tensor, g: Tensor,
+    lr: Tensor | None, p: Tensor | None, a: Tensor | None,
+    t_scale: float, a_scale: float, kind: int,
+    lam: float, lam2: float, lo: float, hi: float,
+    wrap=None,
+) -> None:
+    """Launch the kernel (``wrap`` is ``torch.library.wrap_triton`` inside the op)."""
+    n = y.numel()
+    if n == 0:
+        return
+    divs = [broadcast_divisor(v, y) if v is not None else 1 for v in (lr, p, a)]
+    kernel = _fused_prox_step_kernel if wrap is None else wrap(_fused_prox_step_kernel)
+    grid = (triton.cdiv(n, BLOCK),)
+    kernel[grid](
+        x, y, g,
+        lr if lr is not None else y, p if p is not None else y, a if a is not None else y,
+        n, divs[0], divs[1], divs[2],
+        float(t_scale), float(a_scale), float(lam), float(lam2), float(lo), float(hi),
+        HAS_LR=lr is not None, HAS_P=p is not None, HAS_A=a is not None,
+        PROX=kind, BLOCK=BLOCK,
+    )

@@ -1,0 +1,258 @@
+"""What every optimizer of ``F = f + r`` here shares: groups, checks, step sizes, state.
+
+The parameter holds ``y``, the point where autograd takes the gradient of the smooth
+loss ``f``; the prox iterate ``x`` (where ``r`` is evaluated, the sparse point) lives
+in ``self.state[param]["x"]`` and :meth:`ProxOptimizer.solution` returns it.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import chain
+from typing import Any, Callable, Iterable
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ..prox import get_prox
+from . import stepsize
+
+_NONFINITE = ("raise", "skip")
+
+
+def _strip_trailing_ones(shape) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while shape and shape[-1] == 1:
+        shape = shape[:-1]
+    return shape
+
+
+class ProxOptimizer(Optimizer):
+    """Base class: a ``torch.optim.Optimizer`` for composite objectives ``f + r``.
+
+    Group options common to all subclasses:
+
+    * ``lr``: the step size (a number, a tensor with one value per instance such as
+      ``(B, 1)`` for a ``(B, n)`` parameter, or ``None`` for the automatic step of
+      :mod:`torch_l2o.optim.stepsize`);
+    * ``prox``, ``lam``, ``prox_params``: the non-smooth term, by registered name, its
+      strength ``lam`` and any further strengths (``lo``, ``hi``, ``lam2``, ``dim``);
+    * ``instance_dims``: how many leading dims of each parameter index independent
+      problem instances (inferred from a tensor ``lr``; else 0);
+    * ``nonfinite``: ``"raise"`` (default) or ``"skip"`` when a gradient holds NaN or
+      Inf. Either way nothing is written; a skipped step is counted in
+      ``state[p]["skipped_steps"]``.
+    """
+
+    # state keys whose dtype load_state_dict keeps (torch casts floating state to the
+    # parameter's dtype otherwise)
+    _exact_state_keys: tuple[str, ...] = ("t", "lipschitz", "probe_lr")
+
+    def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
+        defaults.setdefault("prox", "none")
+        defaults.setdefault("lam", 0.0)
+        defaults.setdefault("prox_params", None)
+        defaults.setdefault("instance_dims", None)
+        defaults.setdefault("nonfinite", "raise")
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------ groups
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        group = dict(param_group)
+        ps = group["params"]
+        group["params"] = [ps] if isinstance(ps, Tensor) else list(ps)
+        for k, v in self.defaults.items():
+            group.setdefault(k, v)
+        self._check_group(group)  # before torch stores it: a bad group leaves nothing behind
+        super().add_param_group(group)
+
+    def _check_group(self, group: dict[str, Any]) -> None:
+        name = type(self).__name__
+        for p in group["params"]:
+            if isinstance(p, Tensor) and (p.is_complex() or not p.is_floating_point()):
+                raise TypeError(
+                    f"{name} optimizes real floating-point tensors, got dtype {p.dtype}; "
+                    "for complex parameters optimize torch.view_as_real(param) instead"
+                )
+        if group["nonfinite"] not in _NONFINITE:
+            raise ValueError(f"nonfinite must be 'raise' or 'skip', got {group['nonfinite']!r}")
+        self.prox_params(group)  # unknown names and bad strengths fail here
+        lr = group["lr"]
+        if isinstance(lr, Tensor):
+            if not lr.is_floating_point() or not bool(torch.isfinite(lr).all()) or bool((lr <= 0).any()):
+                raise ValueError(f"{name}: lr must be positive and finite")
+            if group["instance_dims"] is None:
+                group["instance_dims"] = len(_strip_trailing_ones(lr.shape))
+        elif lr is not None:
+            if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
+                raise ValueError(
+                    f"{name}: lr must be a positive finite number, a tensor of per-instance steps, "
+                    f"or None for the automatic step size; got {lr!r}"
+                )
+        if group["instance_dims"] is None:
+            group["instance_dims"] = 0
+        k = group["instance_dims"]
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"{name}: instance_dims must be an int >= 0, got {k!r}")
+        lead = None
+        for p in group["params"]:
+            if p.dim() < k:
+                raise ValueError(f"{name}: a parameter of shape {tuple(p.shape)} has fewer than instance_dims={k} dims")
+            if lead is None:
+                lead = tuple(p.shape[:k])
+            elif tuple(p.shape[:k]) != lead:
+                raise ValueError(
+                    f"{name}: parameters of one group must share their instance dims, got "
+                    f"{lead} and {tuple(p.shape[:k])}"
+                )
+            if isinstance(lr, Tensor):
+                self._lr_for(lr, p, k)
+
+    @staticmethod
+    def _lr_for(lr: float | Tensor | None, p: Tensor, k: int):
+        """``lr`` shaped for parameter ``p``: a number, or a tensor of its instance shape."""
+        if not isinstance(lr, Tensor):
+            return lr
+        if _strip_trailing_ones(lr.shape) != _strip_trailing_ones(p.shape[:k]):
+            raise ValueError(
+                f"lr of shape {tuple(lr.shape)} does not fit a parameter of shape {tuple(p.shape)} "
+                f"with instance_dims={k}: give one step per instance, shaped {tuple(p.shape[:k]) + (1,)}"
+            )
+        return lr.detach().to(p.device).reshape(stepsize.instance_shape(p, k))
+
+    @staticmethod
+    def prox_params(group: dict[str, Any]) -> dict[str, Any]:
+        """The group's prox strengths, resolved and checked."""
+        spec = get_prox(group["prox"])
+        params = dict(group.get("prox_params") or {})
+        lam = group.get("lam", 0.0)
+        if "lam" in spec.defaults:
+            params.setdefault("lam", lam)
+        elif lam not in (0, 0.0, None):
+            accepted = ", ".join(spec.defaults) or "none"
+            raise ValueError(f"prox {spec.name!r} takes no strength lam (its parameters: {accepted})")
+        return spec.resolve(params)
+
+    # ------------------------------------------------------------ reading x
+
+    def solution(self, p: Tensor) -> Tensor:
+        """The prox iterate ``x_k`` of parameter ``p``: the point to use at the end.
+
+        The parameter itself holds ``y_k``, where the gradient is taken (for FISTA and
+        the learned optimizers an extrapolated point, not sparse). Before any step
+        this is ``p`` itself.
+        """
+        if not any(p is q for g in self.param_groups for q in g["params"]):
+            raise ValueError("solution(p): p is not a parameter of this optimizer")
+        x = self.state[p].get("x") if p in self.state else None
+        return (x if x is not None else p).detach()
+
+    # ------------------------------------------------------------ the step
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None):
+        """One step. ``closure`` (optional) re-evaluates the smooth loss and its gradient;
+        with ``lr=None`` it enables backtracking (it must then return the smooth loss,
+        a scalar or one value per instance)."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        work = []
+        for gi, group in enumerate(self.param_groups):
+            ps, gs = [], []
+            for pi, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                g = p.grad
+                if g.is_sparse:
+                    raise RuntimeError(
+                        f"{type(self).__name__} does not support sparse gradients (group {gi}, "
+                        f"parameter {pi}); use a dense gradient (e.g. nn.Embedding(sparse=False))"
+                    )
+                if g.is_complex():
+                    raise RuntimeError(
+                        f"{type(self).__name__} got a complex gradient (group {gi}, parameter {pi}); "
+                        "optimize torch.view_as_real(param) instead"
+                    )
+                ps.append(p)
+                gs.append(g)
+            work.append((group, ps, gs))
+        if self._skip_nonfinite(work):
+            return loss
+        for group, ps, gs in work:
+            if not ps:
+                continue
+            pp = self.prox_params(group)
+            k = group["instance_dims"]
+            states = [self.state[p] for p in ps]
+            self._init_state(group, ps, states)
+            lr = group["lr"]
+            if lr is None:
+                lr, gs = self._auto_lr(group, ps, gs, states, pp, closure, loss)
+            self._update(group, ps, gs, states, [self._lr_for(lr, p, k) for p in ps], pp)
+        return loss
+
+    def _skip_nonfinite(self, work) -> bool:
+        """Check every gradient before anything is written; one device sync."""
+        flat = [(group, p, g) for group, ps, gs in work for p, g in zip(ps, gs)]
+        if not flat:
+            return False
+        finite = torch.stack([torch.isfinite(g).all() for _, _, g in flat]).cpu()
+        if bool(finite.all()):
+            return False
+        bad = [(group, p) for (group, p, _), ok in zip(flat, finite.tolist()) if not ok]
+        if any(group["nonfinite"] == "raise" for group, _ in bad):
+            gi = next(i for i, g in enumerate(self.param_groups) if g is bad[0][0])
+            pi = next(i for i, q in enumerate(bad[0][0]["params"]) if q is bad[0][1])
+            raise FloatingPointError(
+                f"{type(self).__name__}: the gradient of parameter {pi} in group {gi} holds NaN or Inf; "
+                "nothing was updated. Look for an overflow or a division by zero in the loss, "
+                "lower the step size, or pass nonfinite='skip' to skip such steps."
+            )
+        for group, ps, gs in work:
+            for p in ps:
+                st = self.state[p]
+                st["skipped_steps"] = st.get("skipped_steps", 0) + 1
+        return True
+
+    def _auto_lr(self, group, ps, gs, states, pp, closure, loss) -> tuple[Tensor, list[Tensor]]:
+        """The automatic step, and the gradients to step with."""
+        k = group["instance_dims"]
+        if closure is None:
+            return stepsize.online_lipschitz(states, [p.detach() for p in ps], gs, k), gs
+        gs = [g.clone() for g in gs]  # backtracking calls the closure, which may zero p.grad in place
+        try:
+            return stepsize.backtracking_lipschitz(closure, ps, states, gs, loss, group["prox"], pp, k), gs
+        finally:
+            for p, g in zip(ps, gs):
+                p.grad = g  # the gradient at y, as the user's closure left it
+
+    # ------------------------------------------------------------ subclasses
+
+    def _init_state(self, group, ps, states) -> None:
+        """Create the per-parameter state at a parameter's first step."""
+        for s in states:
+            s.setdefault("step", 0)
+
+    def _update(self, group, ps, gs, states, lrs, prox_params) -> None:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------ state dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """As ``torch.optim.Optimizer.load_state_dict``, but the step-size and momentum
+        sequences (and, in learned optimizers, recurrent states) keep their saved dtype
+        instead of being cast to the parameter's dtype."""
+        saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
+        params = list(chain.from_iterable(g["params"] for g in self.param_groups))
+        keep = {}
+        for sid, p in zip(saved_ids, params):
+            st = state_dict["state"].get(sid, {})
+            keep[p] = {k: v for k, v in st.items() if k in self._exact_state_keys and isinstance(v, Tensor)}
+        super().load_state_dict(state_dict)
+        for p, vals in keep.items():
+            for k, v in vals.items():
+                self.state[p][k] = v.detach().clone().to(p.device)

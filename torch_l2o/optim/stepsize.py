@@ -1,0 +1,177 @@
+"""The automatic step size: what ``lr=None`` means for every optimizer here.
+
+The step is ``1 / L_k`` with ``L_k`` an estimate of the Lipschitz constant of the
+gradient, one per problem instance:
+
+* **Secant estimate** (no closure): ``L_k = max(L_{k-1}, |g_k - g_{k-1}| / |y_k - y_{k-1}|)``
+  from successive gradient points. Each secant is a lower bound of the true ``L``, so
+  ``L_k`` never exceeds it; keeping the running maximum is the safeguard: a step that
+  was too long excites the steep directions, whose next secant raises ``L_k``. The
+  first step is a short probe (length ``1e-3 * max(|y_0|, 1)`` along ``-g_0``) whose
+  only purpose is the first secant.
+* **Backtracking** (Beck & Teboulle 2009; with a closure that returns the smooth loss):
+  starting from the secant estimate, ``L`` is multiplied by ``eta = 2`` until the plain
+  prox-gradient point ``x+ = prox_{r/L}(y - g / L)`` satisfies the descent lemma
+  ``f(x+) <= f(y) + <g, x+ - y> + L/2 |x+ - y|^2``. ``L`` never decreases.
+
+Learned optimizers use the same estimate as their base step ``s = 1/L``.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from ..kernels import prox_grad_step_reference
+
+PROBE = 1e-3
+ETA = 2.0
+MAX_BACKTRACKS = 60
+NOISE = 1e3
+
+
+def instance_shape(p: Tensor, k: int) -> tuple[int, ...]:
+    """Shape of per-instance quantities for a parameter whose first ``k`` dims index instances."""
+    return tuple(p.shape[:k]) + (1,) * (p.dim() - k)
+
+
+def instance_sum(v: Tensor, k: int) -> Tensor:
+    """Sum over the non-instance dims, keeping them (shape :func:`instance_shape`)."""
+    dims = tuple(range(k, v.dim()))
+    return v.sum(dim=dims, keepdim=True) if dims else v
+
+
+def _sq_norm(vs: Sequence[Tensor], k: int) -> Tensor:
+    return sum(instance_sum(v.double().square(), k) for v in vs)
+
+
+def _dot(us: Sequence[Tensor], vs: Sequence[Tensor], k: int) -> Tensor:
+    return sum(instance_sum(u.double() * v.double(), k) for u, v in zip(us, vs))
+
+
+def secant(ys, gs, ys_prev, gs_prev, k: int) -> Tensor:
+    """``|g - g_prev| / |y - y_prev|`` per instance, jointly over the tensors.
+
+    NaN where it carries no information: no move, or a change of gradient within
+    ``NOISE`` (in units of the dtype's epsilon) of the gradients' size, where rounding
+    would dominate the quotient (near convergence in float32).
+    """
+    dy = _sq_norm([y - yp for y, yp in zip(ys, ys_prev)], k).sqrt()
+    dg = _sq_norm([g - gp for g, gp in zip(gs, gs_prev)], k).sqrt()
+    scale = _sq_norm(gs, k).sqrt() + _sq_norm(gs_prev, k).sqrt()
+    floor = NOISE * torch.finfo(gs[0].dtype).eps * scale
+    ok = (dy > 0) & (dg > floor)
+    return torch.where(ok, dg / torch.where(ok, dy, 1.0), torch.full_like(dy, math.nan))
+
+
+def probe_lr(ys, gs, k: int) -> Tensor:
+    """Step of the first, probing move: length ``PROBE * max(|y|, 1)`` along ``-g``."""
+    ny = _sq_norm(ys, k).sqrt()
+    ng = _sq_norm(gs, k).sqrt()
+    length = PROBE * torch.clamp(ny, min=1.0)
+    return torch.where(ng > 0, length / ng, torch.ones_like(ng))
+
+
+def online_lipschitz(states: Sequence[dict], ys, gs, k: int) -> Tensor:
+    """The step ``1/L_k`` from the secant estimate; updates ``states`` (one per tensor)."""
+    s0 = states[0]
+    if "lipschitz" not in s0:
+        lr = probe_lr(ys, gs, k)
+        L = torch.zeros_like(lr)
+    else:
+        est = secant(ys, gs, [s["prev_y"] for s in states], [s["prev_g"] for s in states], k)
+        L = torch.fmax(s0["lipschitz"], est)  # fmax ignores the NaN of a zero move
+        lr = torch.where(L > 0, 1.0 / L, s0["probe_lr"])
+    for s, y, g in zip(states, ys, gs):
+        s["lipschitz"] = L
+        s["probe_lr"] = lr if "probe_lr" not in s else s["probe_lr"]
+        if "prev_y" in s:
+            s["prev_y"].copy_(y)
+            s["prev_g"].copy_(g)
+        else:
+            s["prev_y"] = y.detach().clone()
+            s["prev_g"] = g.detach().clone()
+    return lr
+
+
+def _as_values(f, inst: tuple[int, ...], k: int) -> Tensor:
+    """A closure's value in float64: one per instance (shape ``inst``), or a scalar.
+
+    A scalar means the instances are checked jointly (the sum of their losses).
+    """
+    if not isinstance(f, Tensor):
+        f = torch.tensor(float(f), dtype=torch.float64)
+    f = f.detach().double()
+    if f.numel() == 1:
+        return f.reshape(())
+    if k and f.numel() == math.prod(inst[:k]):
+        return f.reshape(inst)
+    raise ValueError(
+        f"the closure returned a loss of shape {tuple(f.shape)}; with lr=None it must return a "
+        f"scalar, or one loss per instance (shape {tuple(inst[:k])})"
+    )
+
+
+def _evaluate(closure: Callable, params: Sequence[Tensor], points: Sequence[Tensor], k: int,
+              inst: tuple[int, ...]) -> tuple[Tensor, list[Tensor]]:
+    """f at ``points`` (params temporarily moved there) and its gradients; params restored."""
+    saved = [p.detach().clone() for p in params]
+    try:
+        for p, z in zip(params, points):
+            p.copy_(z)
+        with torch.enable_grad():
+            f = closure()
+        grads = [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
+    finally:
+        for p, s in zip(params, saved):
+            p.copy_(s)
+    return _as_values(f, inst, k), grads
+
+
+def backtracking_lipschitz(
+    closure: Callable,
+    params: Sequence[Tensor],
+    states: Sequence[dict],
+    gs: Sequence[Tensor],
+    loss,
+    prox: str,
+    prox_params: dict,
+    k: int,
+) -> Tensor:
+    """The step ``1/L`` by Beck-Teboulle backtracking; updates ``states``.
+
+    ``loss`` is the closure's value at the current point: a scalar, or one value per
+    instance (then each instance backtracks on its own).
+    """
+    inst = instance_shape(params[0], k)
+    f_y = _as_values(loss, inst, k)
+    joint = f_y.dim() == 0
+    ys = [p.detach() for p in params]
+    s0 = states[0]
+    if "lipschitz" not in s0:  # secant from a probe point gives the starting L
+        lr0 = probe_lr(ys, gs, k)
+        probe = [y - lr0.to(y.dtype) * g for y, g in zip(ys, gs)]
+        _, g_probe = _evaluate(closure, params, probe, k, inst)
+        L = secant(probe, g_probe, ys, gs, k)
+        L = torch.where(torch.isfinite(L) & (L > 0), L, 1.0 / lr0)
+    else:
+        L = s0["lipschitz"].clone()
+    tiny = 10 * torch.finfo(ys[0].dtype).eps
+    for _ in range(MAX_BACKTRACKS):
+        cand = [prox_grad_step_reference(y, g, y, 1.0 / L, 1.0, 0.0, prox, prox_params)[0]
+                for y, g in zip(ys, gs)]
+        f_c, _ = _evaluate(closure, params, cand, k, inst)
+        d = [c - y for c, y in zip(cand, ys)]
+        model = _dot(gs, d, k) + 0.5 * L * _sq_norm(d, k)
+        if joint:
+            model = model.sum()
+        ok = f_c <= f_y + model + tiny * f_y.abs()  # NaN or inf at the candidate: not ok
+        if bool(ok.all()):
+            break
+        L = torch.where(ok, L, L * ETA)
+    for s in states:
+        s["lipschitz"] = L
+    return 1.0 / L

@@ -1,0 +1,114 @@
+"""The problem-family protocol: what a learned optimizer is trained and tested on.
+
+A :class:`ProblemFamily` samples a :class:`Problem`, a batch of ``B`` independent
+instances of ``min_x f(x) + r(x)`` with ``x`` of shape ``(B, n)``. A problem gives
+the per-instance smooth loss ``f`` (what autograd differentiates), the per-instance
+Lipschitz constant of its gradient, the prox name and strengths of ``r``, and the
+starting point.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from ..prox import get_prox
+
+__all__ = ["Problem", "ProblemFamily", "mean_relative_error"]
+
+
+@dataclass
+class Problem:
+    """A batch of instances of ``F(x) = f(x) + r(x)``; subclasses define :meth:`smooth`.
+
+    Tensor fields hold the data, batch first. ``lipschitz`` has shape ``(B,)``.
+    """
+
+    prox: str = field(default="none", kw_only=True)
+    prox_params: dict[str, Any] = field(default_factory=dict, kw_only=True)
+
+    # -- to define
+    def smooth(self, x: Tensor) -> Tensor:
+        """``f(x)`` for ``x`` of shape ``(B, n)``: one value per instance, shape ``(B,)``."""
+        raise NotImplementedError
+
+    @property
+    def lipschitz(self) -> Tensor:
+        """The Lipschitz constant of ``grad f``, per instance, shape ``(B,)``."""
+        raise NotImplementedError
+
+    @property
+    def dim(self) -> int:
+        """``n``, the number of unknowns per instance."""
+        raise NotImplementedError
+
+    # -- derived
+    @property
+    def batch(self) -> int:
+        return int(self.lipschitz.shape[0])
+
+    def x0(self) -> Tensor:
+        """The starting point, zeros of shape ``(B, n)``."""
+        ref = self.lipschitz
+        return torch.zeros(self.batch, self.dim, dtype=self.dtype, device=ref.device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.lipschitz.dtype
+
+    def regularizer(self, x: Tensor) -> Tensor:
+        """``r(x)`` per instance, shape ``(B,)``."""
+        spec = get_prox(self.prox)
+        return spec.r(x, 1, **spec.resolve(self.prox_params))
+
+    def objective(self, x: Tensor) -> Tensor:
+        """``F(x) = f(x) + r(x)`` per instance, shape ``(B,)``."""
+        return self.smooth(x) + self.regularizer(x)
+
+    def grad(self, x: Tensor) -> Tensor:
+        """``grad f(x)``, by autograd unless a subclass knows it in closed form."""
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            (g,) = torch.autograd.grad(self.smooth(x).sum(), x)
+        return g
+
+    def step_size(self) -> Tensor:
+        """``0.9999 / L`` per instance, shaped ``(B, 1)`` as optimizers take it."""
+        return (0.9999 / self.lipschitz).unsqueeze(-1)
+
+    def to(self, *args, **kwargs) -> "Problem":
+        """A copy with every tensor field moved or cast (``.to(torch.float64)``)."""
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                changes[f.name] = v.to(*args, **kwargs) if v.is_floating_point() else v.to(
+                    *[a for a in args if not isinstance(a, torch.dtype)],
+                    **{k: w for k, w in kwargs.items() if k != "dtype"},
+                )
+        return replace(self, **changes)
+
+    def __getitem__(self, idx) -> "Problem":
+        """The instances ``idx`` (a slice or an index tensor) as a smaller problem."""
+        changes = {f.name: getattr(self, f.name)[idx] for f in fields(self)
+                   if isinstance(getattr(self, f.name), Tensor)}
+        return replace(self, **changes)
+
+
+class ProblemFamily:
+    """A distribution over problems; subclasses define :meth:`sample`."""
+
+    def sample(self, batch: int, *, generator: torch.Generator | None = None,
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Problem:
+        """``batch`` fresh instances. Drawn on the CPU from ``generator``, so a seed gives
+        the same instances on every device, then moved to ``device``."""
+        raise NotImplementedError
+
+
+def mean_relative_error(F: Tensor, F_star: Tensor) -> Tensor:
+    """The benchmark metric: mean over instances of ``(F(x_k) - F*) / F*``, in float64."""
+    F, F_star = F.double(), F_star.double().to(F.device)
+    return ((F - F_star) / F_star.abs()).mean()
