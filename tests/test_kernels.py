@@ -177,3 +177,23 @@ def test_torch_compile_traces_the_step():
         torch._dynamo.reset()
         torch.compile(fn, backend="aot_eager", fullgraph=True)(*compiled)
         assert torch.allclose(compiled[0], eager[0]) and torch.allclose(compiled[2], eager[2])
+
+
+def test_compile_backend_matches_reference():
+    """backend='compile' is the same reference through torch.compile (Inductor)."""
+    from torch_l2o.kernels import set_cpu_backend
+
+    gen = torch.Generator().manual_seed(0)
+    for n in (100, 1000):  # dynamic shapes: one compilation serves both sizes
+        y, g, x = (torch.randn(n, generator=gen) for _ in range(3))
+        p, a = torch.rand(n, generator=gen) * 2, torch.rand(n, generator=gen)
+        xr, yr = prox_grad_step(y, g, x, lr=0.3, p=p, a=a, prox="l1", params={"lam": 0.2})
+        xc, yc = x.clone(), y.clone()
+        prev = set_cpu_backend("compile")
+        try:
+            prox_grad_step(yc, g, xc, lr=0.3, p=p, a=a, prox="l1", params={"lam": 0.2}, inplace=True)
+        finally:
+            set_cpu_backend(prev)
+        assert torch.allclose(xc, xr, rtol=1e-6, atol=1e-7) and torch.allclose(yc, yr, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError, match="cpu backend must be"):
+        set_cpu_backend("triton")

@@ -25,6 +25,7 @@ from .triton_step import HAVE_TRITON, KERNEL_DTYPES, broadcast_divisor, interpre
 
 __all__ = [
     "prox_grad_step",
+    "set_cpu_backend",
     "prox_grad_step_reference",
     "compute_dtype",
     "step_size",
@@ -57,9 +58,7 @@ def _fused_prox_step(
     params = {k: allp[k] for k in _KIND_PARAMS[name]}
     lr_op = lr if lr is not None else t_scale
     p_op = p if p is not None else (t_scale if lr is not None else 1.0)
-    xn, yn = prox_grad_step_reference(y, g, x, lr_op, p_op, a if a is not None else a_scale, name, params)
-    x.copy_(xn)
-    y.copy_(yn)
+    _reference_inplace(y, g, x, lr_op, p_op, a if a is not None else a_scale, name, params)
 
 
 if HAVE_TRITON:
@@ -72,6 +71,38 @@ else:  # pragma: no cover
     fused_prox_step_op = torch.library.custom_op(
         "torch_l2o::fused_prox_step", mutates_args={"x", "y"}
     )(_fused_prox_step)
+
+
+_CPU_BACKEND = "reference"
+_COMPILED = None
+
+
+def set_cpu_backend(backend: str) -> str:
+    """Choose how in-place steps on non-CUDA tensors run; returns the previous choice.
+
+    ``"reference"`` (default): the eager PyTorch reference. ``"compile"``: the same
+    reference compiled by ``torch.compile`` (Inductor fuses it into one loop: 10-20x
+    faster from 10^6 elements on a CPU, at the price of a compilation, some seconds,
+    per prox and dtype on first use).
+    """
+    global _CPU_BACKEND
+    if backend not in ("reference", "compile"):
+        raise ValueError(f"cpu backend must be 'reference' or 'compile', got {backend!r}")
+    prev, _CPU_BACKEND = _CPU_BACKEND, backend
+    return prev
+
+
+def _reference_inplace(y, g, x, lr, p, a, prox, params):
+    xn, yn = prox_grad_step_reference(y, g, x, lr, p, a, prox, params)
+    x.copy_(xn)
+    y.copy_(yn)
+
+
+def _compiled_inplace():
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_reference_inplace, dynamic=True)
+    return _COMPILED
 
 
 def _split(lr: Any, p: Any) -> tuple[Optional[Tensor], Optional[Tensor], float]:
@@ -125,18 +156,19 @@ def prox_grad_step(
         prox, params: a registered prox name and its (resolved) strengths.
         inplace: write ``x_new`` into ``x`` and ``y_new`` into ``y`` (no autograd);
             otherwise return new tensors through the differentiable reference.
-        backend: ``"auto"`` (the kernel for CUDA tensors it supports), ``"triton"``
-            (the kernel or an error; on CPU it needs ``TRITON_INTERPRET=1``), or
-            ``"reference"``.
+        backend: ``"auto"`` (the kernel for CUDA tensors it supports, else the CPU
+            backend of :func:`set_cpu_backend`), ``"triton"`` (the kernel or an
+            error; on CPU it needs ``TRITON_INTERPRET=1``), ``"reference"`` or
+            ``"compile"`` (the reference through ``torch.compile``).
     """
-    if backend not in ("auto", "triton", "reference"):
-        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}")
+    if backend not in ("auto", "triton", "reference", "compile"):
+        raise ValueError(f"backend must be 'auto', 'triton', 'reference' or 'compile', got {backend!r}")
     params = dict(params or {})
     if not inplace:
         if backend == "triton":
             raise ValueError("backend='triton' runs in place only; pass inplace=True")
         return prox_grad_step_reference(y, g, x, lr, p, a, prox, params)
-    use_kernel = backend != "reference" and (backend == "triton" or y.is_cuda) and kernel_supports(
+    use_kernel = backend in ("auto", "triton") and (backend == "triton" or y.is_cuda) and kernel_supports(
         y, g, x, lr, p, a, prox, params
     )
     if backend == "triton" and not use_kernel:
@@ -156,7 +188,8 @@ def prox_grad_step(
             float(params.get("lo", -float("inf"))), float(params.get("hi", float("inf"))),
         )
         return x, y
-    xn, yn = prox_grad_step_reference(y, g, x, lr, p, a, prox, params)
-    x.copy_(xn)
-    y.copy_(yn)
+    if backend == "compile" or (backend == "auto" and not y.is_cuda and _CPU_BACKEND == "compile"):
+        _compiled_inplace()(y, g, x, lr, p, a, prox, params)
+    else:
+        _reference_inplace(y, g, x, lr, p, a, prox, params)
     return x, y

@@ -1,0 +1,169 @@
+"""Shared benchmark machinery: run a method on a batch of problems, score it, report.
+
+Every method starts from the same point (the problem's ``x0``), is scored at its prox
+output (``opt.solution(x)``; a plain ``torch.optim`` optimizer at its iterate) by
+the mean relative error against a float64 ``F*``, and is timed on the work a user
+pays for (gradient and step), not on the scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from torch_l2o.problems import Problem, mean_relative_error
+
+TARGETS = (1e-2, 1e-4, 1e-6)
+
+
+@dataclass
+class Trace:
+    method: str
+    errors: list[float]          # mean relative error after each iteration (index 0: x0)
+    seconds: list[float]         # cumulative seconds of optimizer work after each iteration
+    extra: dict = field(default_factory=dict)
+
+    def iterations_to(self, tol: float) -> int | None:
+        return next((k for k, e in enumerate(self.errors) if e <= tol), None)
+
+    def seconds_to(self, tol: float) -> float | None:
+        k = self.iterations_to(tol)
+        return None if k is None else self.seconds[k]
+
+    def error_at(self, k: int) -> float | None:
+        return self.errors[k] if k < len(self.errors) else None
+
+    def summary(self) -> dict:
+        out = {"method": self.method}
+        for t in TARGETS:
+            out[f"it@{t:.0e}"] = self.iterations_to(t)
+            s = self.seconds_to(t)
+            out[f"s@{t:.0e}"] = None if s is None else round(s, 4)
+        out["err@100"] = self.error_at(100)
+        out["err@end"] = self.errors[-1]
+        out["iters"] = len(self.errors) - 1
+        out.update(self.extra)
+        return out
+
+
+def sync(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_method(
+    name: str,
+    problem: Problem,
+    F_star: torch.Tensor,
+    make_opt: Callable,
+    iters: int,
+    *,
+    composite_loss: bool = False,
+    closure: bool = False,
+    dtype: torch.dtype = torch.float32,
+    device: str = "cpu",
+) -> Trace:
+    """Run ``make_opt([x])`` for ``iters`` steps on every instance at once.
+
+    ``composite_loss``: differentiate ``F = f + r`` (subgradient methods such as Adam)
+    instead of the smooth part. ``closure``: pass a closure to ``step`` (backtracking).
+    """
+    p = problem.to(device=device, dtype=dtype)
+    p64 = problem.to(device=device, dtype=torch.float64)
+    F_star = F_star.to(device)
+    x = p.x0().requires_grad_(True)
+    opt = make_opt([x])
+    solution = getattr(opt, "solution", lambda q: q.detach())
+    loss_fn = p.objective if composite_loss else p.smooth
+
+    def f():
+        opt.zero_grad()
+        val = loss_fn(x)
+        val.sum().backward()
+        return val
+
+    errors = [float(mean_relative_error(p64.objective(x.detach().double()), F_star))]
+    seconds = [0.0]
+    elapsed = 0.0
+    for _ in range(iters):
+        sync(device)
+        t0 = time.perf_counter()
+        if closure:
+            opt.step(f)
+        else:
+            f()
+            opt.step()
+        sync(device)
+        elapsed += time.perf_counter() - t0
+        with torch.no_grad():
+            err = float(mean_relative_error(p64.objective(solution(x).double()), F_star))
+        errors.append(err if math.isfinite(err) else float("inf"))
+        seconds.append(elapsed)
+    return Trace(name, errors, seconds)
+
+
+def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
+    """A Markdown table of summary rows."""
+    if not rows:
+        return ""
+    columns = columns or list(rows[0])
+
+    def fmt(v):
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.2e}" if (abs(v) < 1e-2 or abs(v) >= 1e4) and v != 0 else f"{v:.3g}"
+        return str(v)
+
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(fmt(r.get(c)) for c in columns) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(), "cores": os.cpu_count()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def save_json(path: str, payload: dict) -> None:
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(path, "w") as fh:
+        json.dump(payload, fh, indent=1, default=str)
+
+
+def plot_traces(path: str, title: str, traces: list[Trace]) -> bool:
+    """Relative error against iterations and against seconds, log scale. False without matplotlib."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for tr in traces:
+        errs = [max(e, 1e-16) for e in tr.errors]
+        axes[0].semilogy(range(len(errs)), errs, label=tr.method)
+        axes[1].semilogy(tr.seconds, errs, label=tr.method)
+    axes[0].set_xlabel("iteration")
+    axes[1].set_xlabel("seconds")
+    for ax in axes:
+        ax.set_ylabel("mean (F - F*) / F*")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True

@@ -1,0 +1,63 @@
+"""torch_l2o benchmarks: ``python benchmarks/run.py [--suite NAME] [--full]``.
+
+Prints a table per suite and writes ``<out>/results.json`` and PNG plots. The default
+is a quick run on built-in data (a few minutes on a 2-core CPU); ``--full`` runs the
+papers' protocol (1024 instances, 1000 iterations).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from types import SimpleNamespace
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+
+from bench_lib import format_table, machine, save_json  # noqa: E402
+from suites import SUITES  # noqa: E402
+
+
+def parse(argv=None) -> SimpleNamespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--suite", action="append", choices=sorted(SUITES), help="run only this suite (repeatable)")
+    ap.add_argument("--full", action="store_true", help="the papers' protocol: 1024 instances, 1000 iterations")
+    ap.add_argument("--instances", type=int, help="instances per test batch (default 128, --full 1024)")
+    ap.add_argument("--iters", type=int, help="iterations per method (default 300, --full 1000)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--data-dir", default=os.environ.get("TORCH_L2O_DATA"),
+                    help="folder with real data sets (Ionosphere, Spambase, images); env TORCH_L2O_DATA")
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    a = ap.parse_args(argv)
+    return SimpleNamespace(
+        suites=a.suite or list(SUITES), full=a.full, seed=a.seed, device=a.device, data_dir=a.data_dir, out=a.out,
+        instances=a.instances or (1024 if a.full else 128), iters=a.iters or (1000 if a.full else 300),
+    )
+
+
+def main(argv=None) -> dict:
+    cfg = parse(argv)
+    os.makedirs(cfg.out, exist_ok=True)
+    results = {"machine": machine(), "command": " ".join(["python benchmarks/run.py"] + (argv or sys.argv[1:])),
+               "config": {k: v for k, v in vars(cfg).items()}, "suites": {}}
+    for name in cfg.suites:
+        t0 = time.perf_counter()
+        res = SUITES[name](cfg)
+        res["seconds"] = time.perf_counter() - t0
+        results["suites"][name] = res
+        for tname, rows in res["tables"].items():
+            print(f"\n## {tname}  ({res['seconds']:.0f} s)\n")
+            print(format_table(rows))
+        for p in res.get("plots", []):
+            print(f"plot: {p}")
+        save_json(os.path.join(cfg.out, "results.json"), results)
+    print(f"\nresults: {os.path.join(cfg.out, 'results.json')}")
+    return results
+
+
+if __name__ == "__main__":
+    main()
