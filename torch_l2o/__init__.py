@@ -1,10 +1,12 @@
 """torch_l2o: learned optimizers for composite problems, as torch.optim optimizers."""
 
-from . import kernels, optim, problems, prox
-from .optim import FISTA, ISTA, ProxOptimizer
-from .prox import available_prox, get_prox, register_prox
-
 __version__ = "0.1.0"
 
-__all__ = ["FISTA", "ISTA", "ProxOptimizer", "available_prox", "get_prox", "register_prox",
-           "kernels", "optim", "problems", "prox"]
+from . import kernels, nets, optim, problems, prox  # noqa: E402
+from .optim import FISTA, ISTA, L2ODM, PA, PAGRU, PAMR, LearnedOptimizer, ProxOptimizer, RNNProp  # noqa: E402
+from .prox import available_prox, get_prox, register_prox  # noqa: E402
+
+__all__ = [
+    "FISTA", "ISTA", "PA", "PAGRU", "PAMR", "L2ODM", "RNNProp", "LearnedOptimizer", "ProxOptimizer",
+    "available_prox", "get_prox", "register_prox", "kernels", "nets", "optim", "problems", "prox",
+]

@@ -45,9 +45,9 @@ class ProxOptimizer(Optimizer):
       ``state[p]["skipped_steps"]``.
     """
 
-    # state keys whose dtype load_state_dict keeps (torch casts floating state to the
-    # parameter's dtype otherwise)
-    _exact_state_keys: tuple[str, ...] = ("t", "lipschitz", "probe_lr")
+    # state that lives in the parameter's dtype; load_state_dict keeps every other
+    # state tensor's saved dtype (torch would cast them all to the parameter's)
+    _param_like_keys: tuple[str, ...] = ("x", "prev_y", "prev_g")
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         defaults.setdefault("prox", "none")
@@ -243,15 +243,16 @@ class ProxOptimizer(Optimizer):
     # ------------------------------------------------------------ state dict
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """As ``torch.optim.Optimizer.load_state_dict``, but the step-size and momentum
-        sequences (and, in learned optimizers, recurrent states) keep their saved dtype
-        instead of being cast to the parameter's dtype."""
+        """As ``torch.optim.Optimizer.load_state_dict``, except that only the iterates
+        (``x`` and the step-size mechanism's copies) are cast to the parameter's dtype:
+        momentum and step-size sequences (float64), recurrent states (float32) and
+        counters keep their saved dtype."""
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         keep = {}
         for sid, p in zip(saved_ids, params):
             st = state_dict["state"].get(sid, {})
-            keep[p] = {k: v for k, v in st.items() if k in self._exact_state_keys and isinstance(v, Tensor)}
+            keep[p] = {k: v for k, v in st.items() if k not in self._param_like_keys and isinstance(v, Tensor)}
         super().load_state_dict(state_dict)
         for p, vals in keep.items():
             for k, v in vals.items():

@@ -77,3 +77,65 @@ def fista_update(
             else:
                 ys_new[i] = y_r
     return xs_new, ys_new, t_next
+
+
+# ---------------------------------------------------------------- learned optimizers
+# (network, recurrent state, gradient, iterates, hyper-parameters) -> (iterates, state).
+# Features are detached: the network sees the optimization, it is not differentiated
+# through its inputs; meta-training differentiates through its outputs (p, a, the update).
+
+
+def _instances(y: Tensor, instance_dims: int) -> int:
+    n = 1
+    for s in y.shape[:instance_dims]:
+        n *= s
+    return n
+
+
+def pa_update(
+    net, state: dict, y: Tensor, g: Tensor, x: Tensor, *, lr: float | Tensor, prox: str = "none",
+    params: Mapping[str, Any] | None = None, instance_dims: int = 0, inplace: bool = False,
+) -> tuple[Tensor, Tensor, dict]:
+    r"""L2O-PA, L2O-PA-GRU and L2O-PA-MR (they differ only in ``net``); returns ``(x+, y+, state+)``.
+
+    .. math::
+        (p_k, a_k), h_k = \mathrm{net}([\nabla f(y_k), y_k], h_{k-1}),\quad
+        x_{k+1} = \operatorname{prox}_{s p_k r}(y_k - s p_k \nabla f(y_k)),\quad
+        y_{k+1} = x_{k+1} + a_k (x_{k+1} - x_k)
+
+    with ``s = lr`` (``0.9999 / L``), ``p_k, a_k`` in (0, 2) per coordinate.
+    """
+    feats = torch.stack([g.detach().reshape(-1), y.detach().reshape(-1)], -1).float()
+    (p, a), new_state = net(feats, state, instances=_instances(y, instance_dims))
+    x_new, y_new = prox_grad_step(y, g, x, lr=lr, p=p.view(y.shape), a=a.view(y.shape), prox=prox,
+                                  params=params, inplace=inplace)
+    return x_new, y_new, new_state
+
+
+def dm_update(net, state: dict, y: Tensor, g: Tensor, *, lr: float | Tensor = 1.0,
+              inplace: bool = False) -> tuple[Tensor, dict]:
+    r"""L2O-DM (Andrychowicz et al. 2016): :math:`x_{k+1} = x_k + \mathrm{lr}\cdot m(\nabla f(x_k))`."""
+    feats = net.features(g.detach().reshape(-1).float(), y.detach().reshape(-1).float())
+    out, new_state = net(feats, state)
+    # x + lr * out is a gradient step along -out: the same fused step as every optimizer
+    x_new, _ = prox_grad_step(y, -out.view(y.shape).to(y.dtype), y, lr=lr, inplace=inplace)
+    return x_new, new_state
+
+
+def rnnprop_update(net, state: dict, y: Tensor, g: Tensor, *, lr: float | Tensor = 1.0, step: int,
+                   betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
+                   inplace: bool = False) -> tuple[Tensor, dict]:
+    r"""RNNProp (Lv et al. 2017): bias-corrected moments :math:`\hat m, \hat v` (beta 0.95),
+    :math:`x_{k+1} = x_k - 0.1\,\mathrm{lr}\tanh(m([g / (\sqrt{\hat v} + \epsilon),
+    \hat m / (\sqrt{\hat v} + \epsilon)]))`. ``step`` counts the steps taken before this one."""
+    b1, b2 = betas
+    gf = g.detach().reshape(-1).float()
+    m = b1 * state["m"] + (1 - b1) * gf
+    v = b2 * state["v"] + (1 - b2) * gf * gf
+    m_hat = m / (1 - b1 ** (step + 1))
+    denom = torch.sqrt(v / (1 - b2 ** (step + 1))) + eps
+    net_state = {k: t for k, t in state.items() if k not in ("m", "v")}
+    out, new_state = net(torch.stack([gf / denom, m_hat / denom], -1), net_state)
+    x_new, _ = prox_grad_step(y, (0.1 * out).view(y.shape).to(y.dtype), y, lr=lr, inplace=inplace)
+    new_state.update(m=m, v=v)
+    return x_new, new_state

@@ -46,18 +46,21 @@ class Problem:
         raise NotImplementedError
 
     # -- derived
+    def _data(self) -> Tensor:
+        return next(getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor))
+
     @property
     def batch(self) -> int:
-        return int(self.lipschitz.shape[0])
+        return int(self._data().shape[0])
 
     def x0(self) -> Tensor:
         """The starting point, zeros of shape ``(B, n)``."""
-        ref = self.lipschitz
-        return torch.zeros(self.batch, self.dim, dtype=self.dtype, device=ref.device)
+        ref = self._data()
+        return torch.zeros(self.batch, self.dim, dtype=ref.dtype, device=ref.device)
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.lipschitz.dtype
+        return self._data().dtype
 
     def regularizer(self, x: Tensor) -> Tensor:
         """``r(x)`` per instance, shape ``(B,)``."""

@@ -21,6 +21,11 @@ def _sparse_vectors(batch: int, n: int, k: int, g: torch.Generator | None, dtype
     return x
 
 
+def _spectral_norm(M: Tensor) -> Tensor:
+    """Largest singular value per matrix; half precision is computed in float32."""
+    return torch.linalg.matrix_norm(M.to(torch.promote_types(M.dtype, torch.float32)), ord=2)
+
+
 @dataclass
 class LassoProblem(Problem):
     """``f(x) = 1/2 |A x - b|^2``, ``r = lam |x|_1``; ``A`` is ``(B, m, n)``, ``b`` is ``(B, m)``."""
@@ -44,7 +49,7 @@ class LassoProblem(Problem):
 
     @property
     def lipschitz(self) -> Tensor:
-        return torch.linalg.matrix_norm(self.A, ord=2).square()
+        return _spectral_norm(self.A).square()
 
     @property
     def dim(self) -> int:
@@ -98,7 +103,7 @@ class LogisticProblem(Problem):
     @property
     def lipschitz(self) -> Tensor:
         """``|W|_2^2 / (4 N)``: the true constant (the reference code's ``|W|_2`` is wrong)."""
-        return torch.linalg.matrix_norm(self.W, ord=2).square() / (4 * self.W.shape[1])
+        return _spectral_norm(self.W).square() / (4 * self.W.shape[1])
 
     @property
     def dim(self) -> int:

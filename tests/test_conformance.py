@@ -1,0 +1,259 @@
+"""Every optimizer behaves like a torch.optim optimizer: state_dict round trips, groups,
+closures, schedulers, hooks, dtypes, batched instances."""
+
+import copy
+import math
+
+import pytest
+import torch
+
+import torch_l2o
+from torch_l2o.optim.functional import pa_update
+from torch_l2o.problems import Lasso
+
+LAM = 0.1
+
+
+def _prox_kw(lr):
+    return dict(prox="l1", lam=LAM, lr=lr)
+
+
+# name -> (factory(params, lr) -> optimizer, differentiates F (True) or f (False))
+OPTIMIZERS = {
+    "ISTA": (lambda ps, lr, **kw: torch_l2o.ISTA(ps, **_prox_kw(lr), **kw), False),
+    "FISTA": (lambda ps, lr, **kw: torch_l2o.FISTA(ps, **_prox_kw(lr), restart=True, **kw), False),
+    "PA": (lambda ps, lr, **kw: torch_l2o.PA(ps, **_prox_kw(lr), weights="untrained", **kw), False),
+    "PAGRU": (lambda ps, lr, **kw: torch_l2o.PAGRU(ps, **_prox_kw(lr), weights="untrained", **kw), False),
+    "PAMR": (lambda ps, lr, **kw: torch_l2o.PAMR(ps, **_prox_kw(lr), weights="untrained", window=4, **kw), False),
+    "PAMR-coords": (lambda ps, lr, **kw: torch_l2o.PAMR(ps, **_prox_kw(lr), weights="untrained",
+                                                        attend="coordinates", **kw), False),
+    "L2ODM": (lambda ps, lr, **kw: torch_l2o.L2ODM(ps, lr=0.5, weights="untrained", **kw), True),
+    "RNNProp": (lambda ps, lr, **kw: torch_l2o.RNNProp(ps, lr=0.5, weights="untrained", **kw), True),
+}
+NAMES = sorted(OPTIMIZERS)
+
+
+@pytest.fixture(scope="module")
+def prob():
+    return Lasso(m=20, n=30, sparsity=4).sample(3, generator=torch.Generator().manual_seed(0))
+
+
+def _loss(prob, x, composite):
+    f = prob.smooth(x)
+    return f + LAM * x.abs().sum(-1) if composite else f
+
+
+def _run(opt, x, prob, composite, n):
+    for _ in range(n):
+        opt.zero_grad()
+        _loss(prob, x, composite).sum().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_round_trip_bit_identical(prob, name):
+    make, composite = OPTIMIZERS[name]
+    x = prob.x0().requires_grad_(True)
+    opt = make([x], prob.step_size(), instance_dims=1)
+    _run(opt, x, prob, composite, 5)
+    saved = copy.deepcopy(opt.state_dict())
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = make([x2], prob.step_size(), instance_dims=1)
+    opt2.load_state_dict(saved)
+    _run(opt, x, prob, composite, 5)
+    _run(opt2, x2, prob, composite, 5)
+    assert torch.equal(x, x2)
+    assert torch.equal(opt.solution(x), opt2.solution(x2))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_automatic_step_size_round_trip(prob, name):
+    """lr=None (where it applies) also survives state_dict."""
+    make, composite = OPTIMIZERS[name]
+    if composite:
+        pytest.skip("L2O-DM and RNNProp scale their output by lr; it has no automatic value")
+    x = prob.x0().requires_grad_(True)
+    opt = make([x], None, instance_dims=1)
+    _run(opt, x, prob, composite, 4)
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = make([x2], None, instance_dims=1)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _run(opt, x, prob, composite, 4)
+    _run(opt2, x2, prob, composite, 4)
+    assert torch.equal(x, x2)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_batched_equals_separate_runs(prob, name):
+    make, composite = OPTIMIZERS[name]
+    s = prob.step_size()
+    xb = prob.x0().requires_grad_(True)
+    ob = make([xb], s, instance_dims=1)
+    _run(ob, xb, prob, composite, 8)
+    for i in range(3):
+        pi = prob[i : i + 1]
+        xi = pi.x0().requires_grad_(True)
+        oi = make([xi], s[i : i + 1], instance_dims=1)
+        _run(oi, xi, pi, composite, 8)
+        assert torch.allclose(oi.solution(xi)[0], ob.solution(xb)[i], rtol=1e-5, atol=1e-6), name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_add_param_group_closure_hooks(prob, name):
+    make, composite = OPTIMIZERS[name]
+    x = prob.x0().requires_grad_(True)
+    opt = make([x], prob.step_size(), instance_dims=1)
+    z = torch.ones(5, requires_grad=True)
+    opt.add_param_group({"params": [z], "lr": 0.05 if not composite else 0.5, "instance_dims": 0})
+    calls = []
+    opt.register_step_pre_hook(lambda o, a, k: calls.append("pre"))
+    opt.register_step_post_hook(lambda o, a, k: calls.append("post"))
+
+    def closure():
+        opt.zero_grad()
+        loss = _loss(prob, x, composite).sum() + 0.5 * z.square().sum()
+        loss.backward()
+        return loss
+
+    losses = [float(opt.step(closure).detach()) for _ in range(3)]
+    assert calls == ["pre", "post"] * 3
+    assert not torch.equal(z.detach(), torch.ones(5)) and z in opt.state
+    assert all(math.isfinite(v) for v in losses)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_scheduler_drives_lr(prob, name):
+    """A StepLR run equals a run with the halved lr set by hand."""
+    make, composite = OPTIMIZERS[name]
+    base = 0.5 if composite else 0.02
+    x1 = prob.x0().requires_grad_(True)
+    o1 = make([x1], base)
+    sched = torch.optim.lr_scheduler.StepLR(o1, step_size=1, gamma=0.5)
+    x2 = prob.x0().requires_grad_(True)
+    o2 = make([x2], base)
+    for k in range(4):
+        o2.param_groups[0]["lr"] = base * 0.5**k
+        for opt, x in ((o1, x1), (o2, x2)):
+            opt.zero_grad()
+            _loss(prob, x, composite).sum().backward()
+            opt.step()
+        sched.step()
+    assert torch.equal(x1, x2)
+    assert o1.param_groups[0]["lr"] == base * 0.5**4
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_parameters_keep_float32_state(prob, name, dtype):
+    make, composite = OPTIMIZERS[name]
+    p = prob.to(dtype)
+    x = p.x0().requires_grad_(True)
+    opt = make([x], p.step_size().float(), instance_dims=1)
+    _run(opt, x, p, composite, 3)
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = make([x2], p.step_size().float(), instance_dims=1)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for o, q in ((opt, x), (opt2, x2)):
+        for key, v in o.state[q].items():
+            if isinstance(v, torch.Tensor):
+                expect = {"x": dtype, "prev_y": dtype, "prev_g": dtype, "t": torch.float64,
+                          "filled": torch.int64}.get(key, torch.float32)
+                assert v.dtype == expect, (key, v.dtype)
+    assert bool(torch.isfinite(opt.solution(x).float()).all())
+
+
+def _ista_weights():
+    """PA weights whose heads output p = 1 and a = 0 exactly."""
+    net = torch_l2o.nets.PANet()
+    sd = net.state_dict()
+    for k in ("heads.p.weight", "heads.a.weight", "heads.p.bias"):
+        sd[k] = torch.zeros_like(sd[k])
+    sd["heads.a.bias"] = torch.full_like(sd["heads.a.bias"], -math.inf)  # 2 sigmoid(-inf) = 0
+    return sd
+
+
+def test_pa_with_p1_a0_is_ista(prob):
+    s = prob.step_size()
+    x = prob.x0().requires_grad_(True)
+    pa = torch_l2o.PA([x], prox="l1", lam=LAM, lr=s, weights=_ista_weights())
+    z = prob.x0().requires_grad_(True)
+    ista = torch_l2o.ISTA([z], prox="l1", lam=LAM, lr=s)
+    for _ in range(20):
+        for opt, q in ((pa, x), (ista, z)):
+            opt.zero_grad()
+            prob.smooth(q).sum().backward()
+            opt.step()
+        assert torch.equal(pa.solution(x), z.detach())
+
+
+@pytest.mark.parametrize("cls,opts", [(torch_l2o.PA, {}), (torch_l2o.PAGRU, {}), (torch_l2o.PAMR, {"window": 3})])
+def test_functional_update_equals_step(prob, cls, opts):
+    """The class's in-place step and the pure, out-of-place function agree to the last bit."""
+    s = prob.step_size()
+    x = prob.x0().requires_grad_(True)
+    opt = cls([x], prox="l1", lam=LAM, lr=s, weights="untrained", **opts)
+    y_f = prob.x0()
+    x_f = y_f.clone()
+    state = opt.net.init_state(y_f.numel())
+    for _ in range(6):
+        opt.zero_grad()
+        prob.smooth(x).sum().backward()
+        opt.step()
+        yr = y_f.clone().requires_grad_(True)
+        (g,) = torch.autograd.grad(prob.smooth(yr).sum(), yr)  # as the optimizer's user computes it
+        with torch.no_grad():  # as step() runs it (PyTorch's CPU LSTM picks another kernel with grad)
+            x_f, y_f, state = pa_update(opt.net, state, y_f, g, x_f, lr=s, prox="l1", params={"lam": LAM})
+        assert torch.equal(opt.solution(x), x_f) and torch.equal(x.detach(), y_f)
+        assert all(torch.equal(opt.state[x][k], v) for k, v in state.items())
+
+
+def test_functional_update_is_differentiable(prob):
+    """Meta-training differentiates the same function with respect to the network."""
+    net = torch_l2o.nets.PAMRNet(window=3)
+    y = prob.x0()
+    x = y.clone()
+    state = net.init_state(y.numel())
+    s = prob.step_size()
+    loss = 0
+    for _ in range(3):
+        x, y, state = pa_update(net, state, y, prob.grad(y), x, lr=s, prox="l1", params={"lam": LAM})
+        loss = loss + prob.objective(x).mean()
+    loss.backward()
+    grads = [p.grad for p in net.parameters()]
+    assert all(g is not None for g in grads) and any(float(g.abs().sum()) > 0 for g in grads)
+
+
+def test_parameter_counts():
+    counts = {k: sum(p.numel() for p in N().parameters()) for k, N in torch_l2o.nets.NETWORKS.items()}
+    assert counts == {"l2odm": 5301, "rnnprop": 6801, "pa": 5742, "pagru": 2898, "pamr": 4594}
+    assert counts["pamr"] < counts["pa"]  # the paper's claim holds for the default configuration
+
+
+def test_untrained_default_warns_and_explicit_does_not():
+    x = torch.zeros(3, requires_grad=True)
+    with pytest.warns(UserWarning, match="untrained"):
+        torch_l2o.PA([x], prox="l1", lam=0.1, lr=0.1, weights=None) if not torch_l2o.weights.available_weights("pa") \
+            else pytest.skip("pretrained weights are shipped")
+
+
+def test_blackbox_optimizers_refuse_prox():
+    x = torch.zeros(3, requires_grad=True)
+    with pytest.raises(ValueError, match="applies no prox"):
+        torch_l2o.L2ODM([{"params": [x], "prox": "l1"}], weights="untrained")
+    with pytest.raises(ValueError, match="cannot be None"):
+        torch_l2o.RNNProp([x], lr=None, weights="untrained")
+
+
+def test_nonfinite_gradient_leaves_recurrent_state_untouched(prob):
+    x = prob.x0().requires_grad_(True)
+    opt = torch_l2o.PAMR([x], prox="l1", lam=LAM, lr=prob.step_size(), weights="untrained", window=3)
+    _run(opt, x, prob, False, 2)
+    before = copy.deepcopy(opt.state_dict())
+    y_before = x.detach().clone()
+    x.grad = torch.full_like(x, math.nan)
+    with pytest.raises(FloatingPointError):
+        opt.step()
+    after = opt.state_dict()
+    assert torch.equal(x, y_before)
+    for k, v in before["state"][0].items():
+        assert torch.equal(v, after["state"][0][k]) if isinstance(v, torch.Tensor) else v == after["state"][0][k]

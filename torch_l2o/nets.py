@@ -1,0 +1,217 @@
+"""The learned optimizers' networks: small, coordinate-wise, weights shared by all coordinates.
+
+Each network maps per-coordinate features ``(N, F)`` and a recurrent state (a dict
+of tensors, zeros at the start) to per-coordinate outputs and the next state. ``N``
+is the number of coordinates (all parameters' elements, all instances); the networks
+never mix coordinates, except PA-MR's optional attention across the coordinates of
+one instance. Recurrent state is float32 whatever the parameters' dtype.
+
+Parameter counts (``sum(p.numel() for p in net.parameters())``) are in each
+docstring and checked by the tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAMRNet", "NETWORKS"]
+
+State = dict[str, Tensor]
+
+
+class CoordinateNet(nn.Module):
+    """Base: ``forward(features, state, instances) -> (outputs, new_state)``."""
+
+    n_features: int = 2
+
+    def init_state(self, n: int, device=None) -> State:
+        """Zero recurrent state for ``n`` coordinates."""
+        raise NotImplementedError
+
+    def config(self) -> dict:
+        """The constructor arguments: what a weight file must match."""
+        return {}
+
+
+def _rnn_state(rnn: nn.RNNBase, n: int, device) -> State:
+    z = torch.zeros(rnn.num_layers, n, rnn.hidden_size, device=device)
+    return {"h": z, "c": z.clone()} if isinstance(rnn, nn.LSTM) else {"h": z}
+
+
+def _run_rnn(rnn: nn.RNNBase, inp: Tensor, state: State) -> tuple[Tensor, State]:
+    """One time step of a multi-layer RNN over ``N`` independent coordinates."""
+    if isinstance(rnn, nn.LSTM):
+        out, (h, c) = rnn(inp.unsqueeze(0), (state["h"], state["c"]))
+        return out.squeeze(0), {"h": h, "c": c}
+    out, h = rnn(inp.unsqueeze(0), state["h"])
+    return out.squeeze(0), {"h": h}
+
+
+class _PAHeads(nn.Module):
+    """``z = ReLU(Linear(d, d)(o))``; ``p = 2 sigmoid(Linear(d, 1)(z))``, ``a = 2 sigmoid(Linear(d, 1)(z))``."""
+
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.hidden = nn.Linear(d, d)
+        self.p = nn.Linear(d, 1)
+        self.a = nn.Linear(d, 1)
+
+    def forward(self, o: Tensor) -> tuple[Tensor, Tensor]:
+        z = F.relu(self.hidden(o))
+        return 2 * torch.sigmoid(self.p(z)).squeeze(-1), 2 * torch.sigmoid(self.a(z)).squeeze(-1)
+
+
+class PANet(CoordinateNet):
+    """L2O-PA (Liu et al., ICML 2023): LSTM 2 x 20 on ``[g, y]``, a ReLU layer, bounded
+    heads ``p, a`` in (0, 2). 5,742 parameters."""
+
+    def __init__(self, hidden: int = 20, layers: int = 2) -> None:
+        super().__init__()
+        self.rnn = nn.LSTM(2, hidden, layers)
+        self.heads = _PAHeads(hidden)
+
+    def init_state(self, n, device=None):
+        return _rnn_state(self.rnn, n, device)
+
+    def forward(self, feats: Tensor, state: State, instances: int = 1):
+        o, state = _run_rnn(self.rnn, feats, state)
+        return self.heads(o), state
+
+    def config(self):
+        return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers}
+
+
+class PAGRUNet(PANet):
+    """L2O-PA-GRU (ablation of seed 000): L2O-PA with a GRU 2 x 16. 2,898 parameters."""
+
+    def __init__(self, hidden: int = 16, layers: int = 2) -> None:
+        CoordinateNet.__init__(self)
+        self.rnn = nn.GRU(2, hidden, layers)
+        self.heads = _PAHeads(hidden)
+
+
+class PAMRNet(CoordinateNet):
+    """L2O-PA-MR (Liu, 2026, seed 000): GRU 2 x 16, multi-head attention, two FFN blocks
+    (Linear-ReLU-Dropout, residual add, LayerNorm), the L2O-PA heads. 4,594 parameters
+    with the defaults (fewer than L2O-PA's 5,742, as the paper claims).
+
+    ``attend="window"`` (default): each coordinate's current GRU output attends to its own
+    last ``window`` outputs (this one included): coordinate-wise, linear in the number of
+    coordinates, the window kept in the optimizer state. ``attend="coordinates"``: the
+    outputs of all coordinates of one instance attend to each other (quadratic in the
+    instance's size; for small problems).
+    """
+
+    def __init__(self, hidden: int = 16, layers: int = 2, heads: int = 4, window: int = 8,
+                 attend: str = "window", dropout: float = 0.1) -> None:
+        super().__init__()
+        if attend not in ("window", "coordinates"):
+            raise ValueError(f"attend must be 'window' or 'coordinates', got {attend!r}")
+        if window < 1:
+            raise ValueError(f"window must be >= 1, got {window}")
+        self.rnn = nn.GRU(2, hidden, layers)
+        self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
+        self.ffn = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(2))
+        self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(2))
+        self.drop = nn.Dropout(dropout)
+        self.heads = _PAHeads(hidden)
+        self.window, self.attend, self.dropout = window, attend, dropout
+
+    def init_state(self, n, device=None):
+        state = _rnn_state(self.rnn, n, device)
+        if self.attend == "window" and self.window > 1:
+            state["window"] = torch.zeros(n, self.window - 1, self.rnn.hidden_size, device=device)
+            state["filled"] = torch.zeros((), dtype=torch.int64, device=device)
+        return state
+
+    def forward(self, feats: Tensor, state: State, instances: int = 1):
+        o, new = _run_rnn(self.rnn, feats, state)
+        if self.attend == "coordinates":
+            q = o.reshape(instances, -1, o.shape[-1])
+            u = self.attn(q, q, q, need_weights=False)[0].reshape(o.shape)
+        elif self.window > 1:
+            past = state["window"]
+            keys = torch.cat([past, o.unsqueeze(1)], 1)  # (N, W, d): oldest first, current last
+            filled = state["filled"]
+            slots = torch.arange(self.window, device=o.device)
+            # slot j holds an output iff it is the current one or one of the `filled` previous
+            ignore = slots < (self.window - 1 - filled)
+            u = self.attn(o.unsqueeze(1), keys, keys, key_padding_mask=ignore.expand(o.shape[0], -1),
+                          need_weights=False)[0].squeeze(1)
+            new["window"] = keys[:, 1:]
+            new["filled"] = torch.clamp(filled + 1, max=self.window - 1)
+        else:
+            u = self.attn(o.unsqueeze(1), o.unsqueeze(1), o.unsqueeze(1), need_weights=False)[0].squeeze(1)
+        v = u
+        for lin, norm in zip(self.ffn, self.norms):
+            v = norm(v + self.drop(F.relu(lin(v))))
+        return self.heads(v), new
+
+    def config(self):
+        return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers, "heads": self.attn.num_heads,
+                "window": self.window, "attend": self.attend, "dropout": self.dropout}
+
+
+class DMNet(CoordinateNet):
+    """L2O-DM (Andrychowicz et al., NeurIPS 2016): LSTM 2 x 20 on the preprocessed gradient
+    ``(log|g| / p, sign g)`` if ``|g| >= e^-p`` else ``(-1, e^p g)``, ``p = 10``; a linear
+    output times 0.1. 5,301 parameters. ``inputs="grad_x"``: MS4L2O's raw ``[g, x]``."""
+
+    def __init__(self, hidden: int = 20, layers: int = 2, preprocess: float = 10.0, inputs: str = "grad") -> None:
+        super().__init__()
+        if inputs not in ("grad", "grad_x"):
+            raise ValueError(f"inputs must be 'grad' or 'grad_x', got {inputs!r}")
+        self.rnn = nn.LSTM(2, hidden, layers)
+        self.out = nn.Linear(hidden, 1)
+        self.preprocess, self.inputs = preprocess, inputs
+
+    def init_state(self, n, device=None):
+        return _rnn_state(self.rnn, n, device)
+
+    def features(self, g: Tensor, x: Tensor) -> Tensor:
+        if self.inputs == "grad_x":
+            return torch.stack([g, x], -1)
+        p = self.preprocess
+        big = g.abs() >= math.exp(-p)
+        logg = torch.log(torch.clamp(g.abs(), min=math.exp(-p))) / p
+        return torch.stack([torch.where(big, logg, -torch.ones_like(g)),
+                            torch.where(big, torch.sign(g), math.exp(p) * g)], -1)
+
+    def forward(self, feats: Tensor, state: State, instances: int = 1):
+        o, state = _run_rnn(self.rnn, feats, state)
+        return 0.1 * self.out(o).squeeze(-1), state
+
+    def config(self):
+        return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers,
+                "preprocess": self.preprocess, "inputs": self.inputs}
+
+
+class RNNPropNet(CoordinateNet):
+    """RNNProp (Lv et al., ICML 2017): ``Linear(2, 20) + ELU``, LSTM 2 x 20, ``Linear(20, 1)``,
+    tanh. Inputs: ``g / (sqrt(v) + eps)`` and ``m / (sqrt(v) + eps)`` from bias-corrected
+    moments. 6,801 parameters."""
+
+    def __init__(self, hidden: int = 20, layers: int = 2) -> None:
+        super().__init__()
+        self.inp = nn.Linear(2, hidden)
+        self.rnn = nn.LSTM(hidden, hidden, layers)
+        self.out = nn.Linear(hidden, 1)
+
+    def init_state(self, n, device=None):
+        return _rnn_state(self.rnn, n, device)
+
+    def forward(self, feats: Tensor, state: State, instances: int = 1):
+        o, state = _run_rnn(self.rnn, F.elu(self.inp(feats)), state)
+        return torch.tanh(self.out(o)).squeeze(-1), state
+
+    def config(self):
+        return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers}
+
+
+NETWORKS: dict[str, type[CoordinateNet]] = {
+    "l2odm": DMNet, "rnnprop": RNNPropNet, "pa": PANet, "pagru": PAGRUNet, "pamr": PAMRNet,
+}
