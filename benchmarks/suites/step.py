@@ -42,6 +42,47 @@ def triton_direct(y, g, x, lr, p, a):
     prox_grad_step(y, g, x, lr=lr, p=p, a=a, prox="l1", params={"lam": LAM}, inplace=True, backend="triton")
 
 
+def _optimizers():
+    import torch_l2o
+
+    learned = dict(prox="l1", lam=LAM, lr=0.1, weights="untrained")
+    return {
+        "Adam": lambda ps: torch.optim.Adam(ps, lr=1e-3),
+        "ISTA": lambda ps: torch_l2o.ISTA(ps, prox="l1", lam=LAM, lr=0.1),
+        "FISTA": lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=LAM, lr=0.1),
+        "FISTA lr=None": lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=LAM),
+        "L2O-DM": lambda ps: torch_l2o.L2ODM(ps, weights="untrained"),
+        "RNNProp": lambda ps: torch_l2o.RNNProp(ps, weights="untrained"),
+        "L2O-PA": lambda ps: torch_l2o.PA(ps, **learned),
+        "L2O-PA-GRU": lambda ps: torch_l2o.PAGRU(ps, **learned),
+        "L2O-PA-MR": lambda ps: torch_l2o.PAMR(ps, **learned),
+        "L2O-PA-MR W=1": lambda ps: torch_l2o.PAMR(ps, window=1, **learned),
+    }
+
+
+def optimizer_costs(cfg) -> list[dict]:
+    """State bytes per parameter element and seconds per step per element (gradient given)."""
+    device = cfg.device
+    sizes = [10**4, 10**5, 10**6] if not cfg.full else [10**4, 10**5, 10**6, 10**7]
+    rows = []
+    for n in sizes:
+        adam = None
+        for name, make in _optimizers().items():
+            x = torch.zeros(n, device=device, requires_grad=True)
+            x.grad = torch.randn(n, generator=torch.Generator().manual_seed(0)).to(device)
+            opt = make([x])
+            opt.step()  # creates the state
+            state_bytes = sum(v.numel() * v.element_size() for v in opt.state[x].values()
+                              if isinstance(v, torch.Tensor))
+            t = benchmark.Timer("opt.step()", globals={"opt": opt})
+            sec = t.blocked_autorange(min_run_time=0.3 if not cfg.full else 1.0).median
+            adam = adam or sec
+            rows.append({"elements": n, "optimizer": name, "state bytes/element": state_bytes / n,
+                         "ns/element/step": sec / n * 1e9, "time vs Adam": sec / adam})
+            del opt, x
+    return rows
+
+
 def run(cfg) -> dict:
     device = cfg.device
     sizes = [10**4, 10**5, 10**6, 10**7] if not cfg.full else [10**3, 10**4, 10**5, 10**6, 10**7, 3 * 10**7]
@@ -68,4 +109,4 @@ def run(cfg) -> dict:
                 base = base or sec
                 rows.append({"operands": mode, "elements": n, "impl": name, "ns/element": sec / n * 1e9,
                              "GB/s": n_bytes / sec / 1e9, "speedup vs unfused": base / sec})
-    return {"tables": {"step": rows}, "plots": []}
+    return {"tables": {"step": rows, "optimizer cost": optimizer_costs(cfg)}, "plots": []}

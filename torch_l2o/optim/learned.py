@@ -183,16 +183,6 @@ class RNNProp(_BlackBox):
 
     arch = "rnnprop"
 
-    def _init_state(self, group, ps, states) -> None:
-        super()._init_state(group, ps, states)
-        for p, s in zip(ps, states):
-            if "m" not in s:
-                s["m"] = torch.zeros(p.numel(), device=p.device)
-                s["v"] = torch.zeros(p.numel(), device=p.device)
-
-    def _net_state(self, s: dict) -> dict:
-        return {k: s[k] for k in self._net_keys + ("m", "v")}
-
     def _update(self, group, ps, gs, states, lrs, prox_params) -> None:
         for p, g, s, lr in zip(ps, gs, states, lrs):
             _, new = rnnprop_update(self._net_on(p.device), self._net_state(s), p, g, lr=lr, step=s["step"],

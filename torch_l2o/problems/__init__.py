@@ -1,11 +1,11 @@
 """Problem families: batches of composite problems, their metric and reference solver."""
 
 from .base import Problem, ProblemFamily, mean_relative_error
-from .families import Lasso, LassoProblem, LogisticL1, LogisticProblem
+from .families import Lasso, LassoProblem, LogisticL1, LogisticProblem, MLPFamily, MLPProblem
 from .solve import Solution, kkt_residual, reference_solve
 
 __all__ = [
     "Problem", "ProblemFamily", "mean_relative_error",
-    "Lasso", "LassoProblem", "LogisticL1", "LogisticProblem",
+    "Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem",
     "Solution", "kkt_residual", "reference_solve",
 ]

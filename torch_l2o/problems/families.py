@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .base import Problem, ProblemFamily
 
-__all__ = ["Lasso", "LassoProblem", "LogisticL1", "LogisticProblem"]
+__all__ = ["Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem"]
 
 
 def _sparse_vectors(batch: int, n: int, k: int, g: torch.Generator | None, dtype) -> Tensor:
@@ -126,4 +128,92 @@ class LogisticL1(ProblemFamily):
         x = _sparse_vectors(batch, self.n, self.sparsity, generator, torch.float64)
         y = (torch.einsum("bNn,bn->bN", W, x) >= 0).to(torch.float64)
         prob = LogisticProblem(W=W, y=y, x_true=x, prox="l1", prox_params={"lam": self.lam})
+        return prob.to(device=device, dtype=dtype)
+
+
+@dataclass
+class MLPProblem(Problem):
+    """Training a one-hidden-layer MLP classifier: ``f`` = mean cross-entropy on the
+    instance's examples, the iterate the flattened weights ``(W1, b1, W2, b2)``,
+    started from the instance's random initialisation; no ``r``."""
+
+    X: Tensor = None        # (B, S, d) inputs
+    Y: Tensor = None        # (B, S) class indices
+    init: Tensor = None     # (B, n) initial weights
+    hidden: int = 20
+    classes: int = 10
+    activation: str = "sigmoid"
+
+    def unpack(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        d, h, c = self.X.shape[-1], self.hidden, self.classes
+        sizes = [d * h, h, h * c, c]
+        w1, b1, w2, b2 = x.split(sizes, dim=-1)
+        return w1.reshape(-1, d, h), b1, w2.reshape(-1, h, c), b2
+
+    def logits(self, x: Tensor) -> Tensor:
+        w1, b1, w2, b2 = self.unpack(x)
+        z = torch.bmm(self.X, w1) + b1.unsqueeze(1)
+        z = torch.sigmoid(z) if self.activation == "sigmoid" else torch.relu(z)
+        return torch.bmm(z, w2) + b2.unsqueeze(1)
+
+    def smooth(self, x: Tensor) -> Tensor:
+        lg = self.logits(x)
+        return F.cross_entropy(lg.transpose(1, 2), self.Y, reduction="none").mean(-1)
+
+    def accuracy(self, x: Tensor) -> Tensor:
+        return (self.logits(x).argmax(-1) == self.Y).to(x.dtype).mean(-1)
+
+    def x0(self) -> Tensor:
+        return self.init.clone()
+
+    @property
+    def dim(self) -> int:
+        return self.init.shape[-1]
+
+    @property
+    def lipschitz(self) -> Tensor:
+        """An estimate: the largest Hessian eigenvalue at the start, by 20 power iterations."""
+        x = self.init.detach().clone().requires_grad_(True)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(self.smooth(x).sum(), x, create_graph=True)
+            v = torch.randn(x.shape, generator=torch.Generator().manual_seed(0), dtype=x.dtype).to(x.device)
+            lam = torch.zeros(x.shape[0], dtype=x.dtype, device=x.device)
+            for _ in range(20):
+                v = v / v.norm(dim=-1, keepdim=True)
+                (hv,) = torch.autograd.grad(g, x, v, retain_graph=True)
+                lam = (hv * v).sum(-1).abs()
+                v = hv
+        return lam.detach()
+
+
+@dataclass
+class MLPFamily(ProblemFamily):
+    """Training an MLP (``hidden`` sigmoid units, as in L2O-DM's MNIST experiment) on
+    ``samples`` random examples of a data set that ships with scikit-learn (``"digits"``:
+    8x8 images, 10 classes); each instance its own examples and random initialisation."""
+
+    dataset: str = "digits"
+    hidden: int = 20
+    samples: int = 128
+    activation: str = "sigmoid"
+
+    def _data(self) -> tuple[Tensor, Tensor]:
+        from sklearn import datasets
+
+        if self.dataset != "digits":
+            raise ValueError(f"unknown dataset {self.dataset!r}; built in: 'digits'")
+        X, y = datasets.load_digits(return_X_y=True)
+        return torch.from_numpy(X / 16.0), torch.from_numpy(y)
+
+    def sample(self, batch, *, generator=None, dtype=torch.float32, device=None) -> MLPProblem:
+        X, y = self._data()
+        classes = int(y.max()) + 1
+        idx = torch.rand(batch, X.shape[0], generator=generator).argsort(dim=1)[:, : self.samples]
+        d, h = X.shape[1], self.hidden
+        parts = []
+        for fan_in, size in ((d, d * h), (d, h), (h, h * classes), (h, classes)):
+            bound = 1 / math.sqrt(fan_in)  # nn.Linear's default initialisation
+            parts.append((torch.rand(batch, size, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
+        prob = MLPProblem(X=X[idx], Y=y[idx], init=torch.cat(parts, 1), hidden=h, classes=classes,
+                          activation=self.activation)
         return prob.to(device=device, dtype=dtype)

@@ -1,0 +1,137 @@
+"""meta_train: repeatable, resumable, robust to non-finite batches, data-parallel."""
+
+import math
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+
+import torch_l2o
+from torch_l2o.meta import evaluate, rollout
+from torch_l2o.problems import Lasso, LassoProblem, ProblemFamily, reference_solve
+from torch_l2o.weights import build_network
+
+TINY = dict(batch=4, horizon=6, unroll=3, val_every=2, val_batch=6, progress=False)
+FAM = Lasso(m=8, n=12, sparsity=2, lam=0.1)
+
+
+def _equal(a, b):
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("arch", ["pa", "pagru", "pamr", "l2odm", "rnnprop"])
+def test_seed_repeats_exactly_and_training_improves(arch):
+    w1, h1 = torch_l2o.meta_train(arch, FAM, steps=4, seed=3, **TINY)
+    w2, h2 = torch_l2o.meta_train(arch, FAM, steps=4, seed=3, **TINY)
+    assert _equal(w1, w2) and h1.loss == h2.loss and h1.val_score == h2.val_score
+    w3, _ = torch_l2o.meta_train(arch, FAM, steps=4, seed=4, **TINY)
+    assert not _equal(w1, w3)
+    assert all(math.isfinite(v) for v in h1.loss) and h1.skipped == 0
+
+
+def test_resume_after_interruption_repeats_the_run(tmp_path):
+    ck = str(tmp_path / "ck.pt")
+    full, hf = torch_l2o.meta_train("pa", FAM, steps=6, seed=1, **TINY)
+
+    class Stop(Exception):
+        pass
+
+    def kill_after_5(step, hist):
+        if step == 5:
+            raise Stop
+
+    with pytest.raises(Stop):
+        torch_l2o.meta_train("pa", FAM, steps=6, seed=1, checkpoint=ck, checkpoint_every=2,
+                             callback=kill_after_5, **TINY)
+    assert torch.load(ck, weights_only=True)["step"] == 4  # at most checkpoint_every steps lost
+    resumed, hr = torch_l2o.meta_train("pa", FAM, steps=6, seed=1, checkpoint=ck, resume=ck, **TINY)
+    assert _equal(full, resumed) and hr.loss == hf.loss and hr.val_score == hf.val_score
+
+
+def test_best_validated_weights_are_kept():
+    w, h = torch_l2o.meta_train("pagru", FAM, steps=6, seed=0, **{**TINY, "val_every": 1})
+    assert h.best == min(h.val_score) and h.val_step[h.val_score.index(h.best)] == h.best_step
+    net, _ = build_network("pagru", w)
+    val = FAM.sample(6, generator=torch.Generator().manual_seed(torch_l2o.meta._seed(0, 2)), dtype=torch.float64)
+    F_star = reference_solve(val).F
+    score = torch_l2o.meta._val_score(evaluate("pagru", net, val.to(torch.float32), F_star, 6))
+    assert abs(score - h.best) < 1e-6
+
+
+@dataclass
+class PoisonedLasso(ProblemFamily):
+    """A LASSO family whose every other batch has an infinite entry."""
+
+    calls: int = 0
+
+    def sample(self, batch, *, generator=None, dtype=torch.float32, device=None):
+        p = FAM.sample(batch, generator=generator, dtype=dtype, device=device)
+        self.calls += 1
+        if batch == TINY["batch"] and self.calls % 2 == 0:
+            p = LassoProblem(A=p.A, b=p.b.clone().fill_(math.inf), prox="l1", prox_params=p.prox_params)
+        return p
+
+
+def test_nonfinite_batches_are_skipped_never_applied():
+    w, h = torch_l2o.meta_train("pa", PoisonedLasso(), steps=4, seed=0, **TINY)
+    assert h.skipped >= 2
+    assert all(bool(torch.isfinite(v).all()) for v in w.values())
+    assert sum(math.isfinite(v) for v in h.loss) == 2  # the two clean batches trained
+
+
+@pytest.mark.parametrize("loss", ["log", "mean", "log_gap"])
+def test_meta_losses(loss):
+    w, h = torch_l2o.meta_train("pa", FAM, steps=2, seed=0, loss=loss, **TINY)
+    assert all(math.isfinite(v) for v in h.loss)
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="unknown architecture"):
+        torch_l2o.meta_train("lstm", FAM)
+    with pytest.raises(ValueError, match="loss must be one of"):
+        torch_l2o.meta_train("pa", FAM, loss="mse")
+    with pytest.raises(ValueError, match="multiple of the unroll"):
+        torch_l2o.meta_train("pa", FAM, horizon=10, unroll=3)
+
+
+def test_rollout_is_the_optimizer():
+    """meta_train's unroll and the optimizer's steps are the same function (no second copy)."""
+    net, _ = build_network("pamr", "untrained", window=3)
+    prob = FAM.sample(3, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        F, carry = rollout("pamr", net, prob, None, 7)
+    x = prob.x0().requires_grad_(True)
+    opt = torch_l2o.PAMR([x], prox="l1", lam=0.1, lr=prob.step_size(), weights=net.state_dict(), window=3,
+                         instance_dims=1)
+    for _ in range(7):
+        opt.zero_grad()
+        prob.smooth(x).sum().backward()
+        opt.step()
+    assert torch.allclose(opt.solution(x), carry["x"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(prob.objective(opt.solution(x)), F[-1], rtol=1e-5)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_data_parallel_two_processes(tmp_path):
+    worker = Path(__file__).with_name("dist_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
+           f"--master_port={_free_port()}", str(worker), str(tmp_path)]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    w0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
+    w1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    assert _equal(w0["weights"], w1["weights"])  # gradients averaged: the ranks stay in step
+    assert w0["losses"] != w1["losses"]  # each rank sampled its own instances
+    single, _ = torch_l2o.meta_train("pa", FAM, steps=3, seed=0, **TINY)
+    assert not _equal(single, w0["weights"])  # two ranks' batches are not one rank's

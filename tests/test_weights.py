@@ -1,0 +1,105 @@
+"""Weight files: safetensors round trips, cards, and clear errors for bad files."""
+
+import json
+
+import pytest
+import torch
+
+import torch_l2o
+from torch_l2o.nets import PAMRNet, PANet
+from torch_l2o.weights import available_weights, build_network, pretrained_dir, read_weights, save_weights
+
+
+def _saved(tmp_path, arch="pamr", **options):
+    net, _ = build_network(arch, "untrained", **options)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.01)
+    path = save_weights(tmp_path / f"{arch}-test.safetensors", net, arch, card={"family": "test"})
+    return net, path
+
+
+def test_round_trip_with_card(tmp_path):
+    net, path = _saved(tmp_path, window=3, heads=2)
+    card = json.loads(path.with_suffix(".json").read_text())
+    assert card["arch"] == "pamr" and card["config"]["window"] == 3 and len(card["sha256"]) == 64
+    assert card["parameters"] == sum(p.numel() for p in net.parameters())
+    x = torch.zeros(4, requires_grad=True)
+    opt = torch_l2o.PAMR([x], prox="l1", lam=0.1, lr=0.1, weights=str(path))  # config comes from the file
+    assert opt.net.config() == net.config()
+    assert all(torch.equal(a, b) for a, b in zip(opt.net.state_dict().values(), net.state_dict().values()))
+    assert opt.weights_info["card"]["family"] == "test"
+
+
+def test_state_dict_weights(tmp_path):
+    sd = PANet().state_dict()
+    opt = torch_l2o.PA([torch.zeros(3, requires_grad=True)], lr=0.1, weights=sd)
+    assert torch.equal(opt.net.heads.p.weight, sd["heads.p.weight"])
+
+
+def test_truncated_file_is_a_clear_error(tmp_path):
+    _, path = _saved(tmp_path)
+    path.with_suffix(".json").unlink()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="not a readable safetensors weight file.*truncated or corrupt"):
+        build_network("pamr", str(path))
+
+
+def test_tampered_file_fails_its_card(tmp_path):
+    _, path = _saved(tmp_path)
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0xFF
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match="does not match its card.*sha256"):
+        build_network("pamr", str(path))
+
+
+def test_architecture_mismatch_says_what_was_expected(tmp_path):
+    _, path = _saved(tmp_path, arch="pa")
+    with pytest.raises(ValueError, match="holds L2O-PA weights, not L2O-PA-MR"):
+        build_network("pamr", str(path))
+    with pytest.raises(ValueError, match=r"do not fit a L2O-PA-MR network with config .*heads.*shape mismatch"):
+        build_network("pamr", PAMRNet(heads=2, hidden=8).state_dict())
+    with pytest.raises(ValueError, match="missing"):
+        build_network("pa", {"rnn.weight_ih_l0": torch.zeros(80, 2)})
+
+
+def test_option_clash_with_file(tmp_path):
+    _, path = _saved(tmp_path, window=3)
+    with pytest.raises(ValueError, match="trained with window=3; you asked for window=5"):
+        build_network("pamr", str(path), window=5)
+
+
+def test_unknown_name_lists_shipped(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no pretrained weights 'imagenet' for L2O-PA; shipped:"):
+        build_network("pa", "imagenet")
+    with pytest.raises(TypeError, match="weights must be"):
+        build_network("pa", 3.5)
+
+
+def test_no_pickle_on_the_load_path(tmp_path, monkeypatch):
+    """Loading weights never unpickles: torch.load and pickle are not called."""
+    _, path = _saved(tmp_path)
+    import pickle
+
+    def boom(*a, **k):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", boom)
+    monkeypatch.setattr(pickle, "loads", boom)
+    monkeypatch.setattr(torch, "load", boom)
+    tensors, meta, card = read_weights(path)
+    assert meta["arch"] == "pamr" and tensors
+
+
+def test_shipped_weights_load_and_match_their_cards():
+    """Every file in pretrained/ loads into its optimizer and matches its card's sha256."""
+    names = {arch: available_weights(arch) for arch in ("pa", "pagru", "pamr", "l2odm", "rnnprop")}
+    if not any(names.values()):
+        pytest.skip("no pretrained weights shipped yet")
+    for arch, have in names.items():
+        for name in have:
+            net, info = build_network(arch, name)
+            assert info["card"]["sha256"] and info["card"]["arch"] == arch
+            assert (pretrained_dir() / f"{arch}-{name}.json").is_file()
