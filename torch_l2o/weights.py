@@ -26,7 +26,9 @@ from .nets import NETWORKS, CoordinateNet
 __all__ = ["build_network", "save_weights", "read_weights", "pretrained_dir", "available_weights"]
 
 ARCH_NAMES = {"l2odm": "L2O-DM", "rnnprop": "RNNProp", "pa": "L2O-PA", "pagru": "L2O-PA-GRU", "pamr": "L2O-PA-MR"}
-DEFAULT_WEIGHTS = "lasso"
+# What weights=None loads: the PA family was trained on LASSO, L2O-DM and RNNProp on MLP
+# training (as in their papers).
+DEFAULT_WEIGHTS = {"pa": "lasso", "pagru": "lasso", "pamr": "lasso", "l2odm": "mlp", "rnnprop": "mlp"}
 
 
 def pretrained_dir() -> Path:
@@ -142,14 +144,15 @@ def _load_strict(net: CoordinateNet, tensors: Mapping[str, Tensor], arch: str, s
 def build_network(arch: str, weights: Any = None, **options: Any) -> tuple[CoordinateNet, dict]:
     """The ``arch`` network with ``weights``: a pretrained name, a path, a state dict,
     ``"untrained"`` (a seeded default initialisation), or ``None`` (the default pretrained
-    weights; untrained with a warning while none are shipped). Returns ``(net, info)``."""
+    weights, :data:`DEFAULT_WEIGHTS`; untrained with a warning if they are missing).
+    Returns ``(net, info)``."""
     if arch not in NETWORKS:
         raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(NETWORKS)}")
     Net = NETWORKS[arch]
     info: dict[str, Any] = {"arch": arch}
     if weights is None:
         try:
-            return build_network(arch, DEFAULT_WEIGHTS, **options)
+            return build_network(arch, DEFAULT_WEIGHTS[arch], **options)
         except FileNotFoundError:
             warnings.warn(
                 f"no pretrained weights are shipped for {ARCH_NAMES[arch]} yet: using an untrained "

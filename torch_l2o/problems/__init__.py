@@ -2,10 +2,12 @@
 
 from .base import Problem, ProblemFamily, mean_relative_error
 from .families import Lasso, LassoProblem, LogisticL1, LogisticProblem, MLPFamily, MLPProblem
+from .real import image_patch_lasso, sklearn_logistic, uci_logistic
 from .solve import Solution, kkt_residual, reference_solve
 
 __all__ = [
     "Problem", "ProblemFamily", "mean_relative_error",
     "Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem",
     "Solution", "kkt_residual", "reference_solve",
+    "image_patch_lasso", "uci_logistic", "sklearn_logistic",
 ]
