@@ -25,17 +25,19 @@ def parse(argv=None) -> SimpleNamespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--suite", action="append", choices=sorted(SUITES), help="run only this suite (repeatable)")
     ap.add_argument("--full", action="store_true", help="the papers' protocol: 1024 instances, 1000 iterations")
-    ap.add_argument("--instances", type=int, help="instances per test batch (default 128, --full 1024)")
-    ap.add_argument("--iters", type=int, help="iterations per method (default 300, --full 1000)")
+    ap.add_argument("--instances", type=int, help="instances per test batch (default 64, --full 1024)")
+    ap.add_argument("--iters", type=int, help="iterations per method (default 200, --full 1000)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--data-dir", default=os.environ.get("TORCH_L2O_DATA"),
                     help="folder with real data sets (Ionosphere, Spambase, images); env TORCH_L2O_DATA")
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"),
+                    help="folder for results.json and the plots")
+    ap.add_argument("--report", help="also write the tables as Markdown to this file")
     a = ap.parse_args(argv)
     return SimpleNamespace(
         suites=a.suite or list(SUITES), full=a.full, seed=a.seed, device=a.device, data_dir=a.data_dir, out=a.out,
-        instances=a.instances or (1024 if a.full else 128), iters=a.iters or (1000 if a.full else 300),
+        report=a.report, instances=a.instances or (1024 if a.full else 64), iters=a.iters or (1000 if a.full else 200),
     )
 
 
@@ -43,7 +45,7 @@ def main(argv=None) -> dict:
     cfg = parse(argv)
     os.makedirs(cfg.out, exist_ok=True)
     results = {"machine": machine(), "command": " ".join(["python benchmarks/run.py"] + (argv or sys.argv[1:])),
-               "config": {k: v for k, v in vars(cfg).items()}, "suites": {}}
+               "config": dict(vars(cfg)), "suites": {}}
     for name in cfg.suites:
         t0 = time.perf_counter()
         res = SUITES[name](cfg)
@@ -52,11 +54,32 @@ def main(argv=None) -> dict:
         for tname, rows in res["tables"].items():
             print(f"\n## {tname}  ({res['seconds']:.0f} s)\n")
             print(format_table(rows))
+        for note in res.get("notes", []):
+            print(f"note: {note}")
         for p in res.get("plots", []):
             print(f"plot: {p}")
         save_json(os.path.join(cfg.out, "results.json"), results)
     print(f"\nresults: {os.path.join(cfg.out, 'results.json')}")
+    if cfg.report:
+        write_report(cfg.report, results)
+        print(f"report: {cfg.report}")
     return results
+
+
+def write_report(path: str, results: dict) -> None:
+    """Every table as Markdown, with the command, the machine and links to the plots."""
+    lines = [f"Command: `{results['command']}`", "", f"Machine: {results['machine']}", ""]
+    base = os.path.dirname(os.path.abspath(path))
+    for name, res in results["suites"].items():
+        lines += [f"### Suite `{name}` ({res['seconds']:.0f} s)", ""]
+        for note in res.get("notes", []):
+            lines += [f"*{note}*", ""]
+        for tname, rows in res["tables"].items():
+            lines += [f"**{tname}**", "", format_table(rows), ""]
+        for p in res.get("plots", []):
+            lines += [f"![{os.path.basename(p)}]({os.path.relpath(p, base)})", ""]
+    with open(path, "w") as fh:
+        fh.write("\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -1,9 +1,14 @@
 """Benchmark suites: each ``run(cfg) -> dict`` with ``tables`` (name -> rows) and ``plots``."""
 
-from . import composite, step
+from . import ablation, composite, nn, step, walltime
 
 SUITES = {
     "lasso": composite.lasso,
+    "lasso_ood": composite.lasso_ood,
     "logistic": composite.logistic,
+    "logistic_ood": composite.logistic_ood,
+    "ablation": ablation.run,
+    "nn": nn.run,
+    "walltime": walltime.run,
     "step": step.run,
 }
