@@ -47,7 +47,7 @@ class ProxOptimizer(Optimizer):
 
     # state that lives in the parameter's dtype; load_state_dict keeps every other
     # state tensor's saved dtype (torch would cast them all to the parameter's)
-    _param_like_keys: tuple[str, ...] = ("x", "prev_y", "prev_g")
+    _param_like_keys: tuple[str, ...] = ("x", "prev_y", "prev_g", "sg_T")
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         defaults.setdefault("prox", "none")
@@ -192,7 +192,8 @@ class ProxOptimizer(Optimizer):
             lr = group["lr"]
             if lr is None:
                 lr, gs = self._auto_lr(group, ps, gs, states, pp, closure, loss)
-            self._update(group, ps, gs, states, [self._lr_for(lr, p, k) for p in ps], pp)
+            self._update(group, ps, gs, states, [self._lr_for(lr, p, k) for p in ps], pp,
+                         {"closure": closure, "loss": loss})
         return loss
 
     def _skip_nonfinite(self, work) -> bool:
@@ -237,7 +238,8 @@ class ProxOptimizer(Optimizer):
         for s in states:
             s.setdefault("step", 0)
 
-    def _update(self, group, ps, gs, states, lrs, prox_params) -> None:
+    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
+        """Apply the update rule in place; ``ctx`` holds the step's ``closure`` and ``loss``."""
         raise NotImplementedError
 
     # ------------------------------------------------------------ state dict

@@ -16,6 +16,7 @@ import torch
 from ..weights import ARCH_NAMES, build_network
 from .base import ProxOptimizer
 from .functional import dm_update, pa_update, rnnprop_update
+from .safeguard import safeguarded_step
 
 __all__ = ["LearnedOptimizer", "PA", "PAGRU", "PAMR", "L2ODM", "RNNProp"]
 
@@ -59,9 +60,9 @@ class LearnedOptimizer(ProxOptimizer):
 
 class _PAFamily(LearnedOptimizer):
     def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
-                 prox_params: dict | None = None, weights: Any = None, instance_dims: int | None = None,
-                 nonfinite: str = "raise", **options: Any) -> None:
-        super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
+                 prox_params: dict | None = None, weights: Any = None, safeguard: bool = False,
+                 instance_dims: int | None = None, nonfinite: str = "raise", **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, safeguard=safeguard,
                                       instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
 
     def _init_state(self, group, ps, states) -> None:
@@ -70,12 +71,22 @@ class _PAFamily(LearnedOptimizer):
             if "x" not in s:
                 s["x"] = p.detach().clone()
 
-    def _update(self, group, ps, gs, states, lrs, prox_params) -> None:
-        for p, g, s, lr in zip(ps, gs, states, lrs):
-            _, _, new = pa_update(self._net_on(p.device), self._net_state(s), p, g, s["x"], lr=lr,
-                                  prox=group["prox"], params=prox_params,
-                                  instance_dims=group["instance_dims"], inplace=True)
-            s.update(new)
+    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
+        k = group["instance_dims"]
+        if group["safeguard"]:
+            def propose(grads):
+                out = [pa_update(self._net_on(p.device), self._net_state(s), p.detach(), g, s["x"], lr=lr,
+                                 prox=group["prox"], params=prox_params, instance_dims=k)
+                       for p, g, s, lr in zip(ps, grads, states, lrs)]
+                return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
+
+            safeguarded_step(ps, gs, states, lrs, group["prox"], prox_params, k, ctx["closure"], ctx["loss"], propose)
+        else:
+            for p, g, s, lr in zip(ps, gs, states, lrs):
+                _, _, new = pa_update(self._net_on(p.device), self._net_state(s), p, g, s["x"], lr=lr,
+                                      prox=group["prox"], params=prox_params, instance_dims=k, inplace=True)
+                s.update(new)
+        for s in states:
             s["step"] += 1
 
 
@@ -92,7 +103,9 @@ class PA(_PAFamily):
         y_{k+1} = x_{k+1} + a_k (x_{k+1} - x_k),
 
     ``s = lr`` (``0.9999 / L``; ``None``: estimated, see :mod:`torch_l2o.optim.stepsize`),
-    ``x_0 = y_0``, ``h_0 = 0``. The network (LSTM 2 x 20) has 5,742 parameters. The
+    ``x_0 = y_0``, ``h_0 = 0``. ``safeguard=True`` (with ``step(closure)``) accepts a
+    learned step only where it decreases ``F`` as much as ISTA would guarantee, and takes
+    the ISTA step elsewhere (:mod:`torch_l2o.optim.safeguard`). The network (LSTM 2 x 20) has 5,742 parameters. The
     parameter holds ``y_k``; :meth:`solution` returns ``x_k``.
     """
 
@@ -162,7 +175,7 @@ class L2ODM(_BlackBox):
 
     arch = "l2odm"
 
-    def _update(self, group, ps, gs, states, lrs, prox_params) -> None:
+    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
         for p, g, s, lr in zip(ps, gs, states, lrs):
             _, new = dm_update(self._net_on(p.device), self._net_state(s), p, g, lr=lr, inplace=True)
             s.update(new)
@@ -183,7 +196,7 @@ class RNNProp(_BlackBox):
 
     arch = "rnnprop"
 
-    def _update(self, group, ps, gs, states, lrs, prox_params) -> None:
+    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
         for p, g, s, lr in zip(ps, gs, states, lrs):
             _, new = rnnprop_update(self._net_on(p.device), self._net_state(s), p, g, lr=lr, step=s["step"],
                                     inplace=True)

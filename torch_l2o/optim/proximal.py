@@ -35,7 +35,7 @@ class ISTA(ProxOptimizer):
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
                                       instance_dims=instance_dims, nonfinite=nonfinite))
 
-    def _update(self, group, ps, gs, states, lrs, prox_params) -> None:
+    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
         for p, g, s, lr in zip(ps, gs, states, lrs):
             ista_update(p, g, lr=lr, prox=group["prox"], params=prox_params, inplace=True)
             s["step"] += 1
@@ -88,7 +88,7 @@ class FISTA(ProxOptimizer):
             s["x"] = p.detach().clone()
             s["t"] = t
 
-    def _update(self, group, ps, gs, states, lrs, prox_params) -> None:
+    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
         _, _, t = fista_update(
             ps, gs, [s["x"] for s in states], states[0]["t"], lrs=lrs, prox=group["prox"],
             params=prox_params, restart=group["restart"], instance_dims=group["instance_dims"],
