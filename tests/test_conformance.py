@@ -257,3 +257,20 @@ def test_nonfinite_gradient_leaves_recurrent_state_untouched(prob):
     assert torch.equal(x, y_before)
     for k, v in before["state"][0].items():
         assert torch.equal(v, after["state"][0][k]) if isinstance(v, torch.Tensor) else v == after["state"][0][k]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_state_dict_loads_without_pickle(prob, name, tmp_path):
+    """Optimizer checkpoints hold only tensors and plain data: torch.load(weights_only=True)."""
+    make, composite = OPTIMIZERS[name]
+    x = prob.x0().requires_grad_(True)
+    opt = make([x], prob.step_size(), instance_dims=1)
+    _run(opt, x, prob, composite, 3)
+    torch.save(opt.state_dict(), tmp_path / "opt.pt")
+    loaded = torch.load(tmp_path / "opt.pt", weights_only=True)
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = make([x2], prob.step_size(), instance_dims=1)
+    opt2.load_state_dict(loaded)
+    _run(opt, x, prob, composite, 2)
+    _run(opt2, x2, prob, composite, 2)
+    assert torch.equal(x, x2)

@@ -135,3 +135,15 @@ def test_data_parallel_two_processes(tmp_path):
     assert w0["losses"] != w1["losses"]  # each rank sampled its own instances
     single, _ = torch_l2o.meta_train("pa", FAM, steps=3, seed=0, **TINY)
     assert not _equal(single, w0["weights"])  # two ranks' batches are not one rank's
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path):
+    ck = tmp_path / "ck.pt"
+    torch_l2o.meta_train("pa", FAM, steps=2, seed=0, checkpoint=str(ck), checkpoint_every=1, **TINY)
+    data = ck.read_bytes()
+    ck.write_bytes(data[: len(data) // 3])
+    with pytest.raises(ValueError, match="truncated, corrupt or not a torch_l2o checkpoint"):
+        torch_l2o.meta_train("pa", FAM, steps=4, seed=0, resume=str(ck), **TINY)
+    torch_l2o.meta_train("pa", FAM, steps=2, seed=0, checkpoint=str(ck), checkpoint_every=1, **TINY)
+    with pytest.raises(ValueError, match="is for 'pa', not 'pagru'"):
+        torch_l2o.meta_train("pagru", FAM, steps=4, seed=0, resume=str(ck), **TINY)

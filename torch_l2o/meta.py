@@ -245,7 +245,11 @@ def meta_train(
     start = 0
 
     if resume is not None and os.path.exists(resume):
-        ck = torch.load(resume, weights_only=True, map_location=device)
+        try:
+            ck = torch.load(resume, weights_only=True, map_location=device)  # no pickle: tensors and plain data
+        except Exception as e:
+            raise ValueError(f"checkpoint {resume} cannot be read ({type(e).__name__}: {e}); it is truncated, "
+                             "corrupt or not a torch_l2o checkpoint: delete it to start over") from e
         if ck["arch"] != arch:
             raise ValueError(f"checkpoint {resume} is for {ck['arch']!r}, not {arch!r}")
         net.load_state_dict(ck["net"])

@@ -1,6 +1,6 @@
 """Benchmark suites: each ``run(cfg) -> dict`` with ``tables`` (name -> rows) and ``plots``."""
 
-from . import ablation, composite, nn, step, walltime
+from . import ablation, composite, nn, safeguard, step, walltime
 
 SUITES = {
     "lasso": composite.lasso,
@@ -10,5 +10,6 @@ SUITES = {
     "ablation": ablation.run,
     "nn": nn.run,
     "walltime": walltime.run,
+    "safeguard": safeguard.run,
     "step": step.run,
 }
