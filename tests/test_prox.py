@@ -11,11 +11,11 @@ import torch_l2o
 from torch_l2o.prox import available_prox, get_prox, prox_value, register_prox
 
 D = torch.float64
-BUILTIN = ["none", "l1", "nonneg", "nonneg_l1", "elastic_net", "l2sq", "box", "group_l1", "nuclear"]
+BUILTIN = ["none", "l1", "nonneg", "nonneg_l1", "elastic_net", "l2sq", "box", "group_l1", "nuclear", "simplex"]
 PARAMS = {
     "none": {}, "l1": {"lam": 0.7}, "nonneg": {}, "nonneg_l1": {"lam": 0.3},
     "elastic_net": {"lam": 0.4, "lam2": 1.5}, "l2sq": {"lam": 2.0}, "box": {"lo": -0.5, "hi": 0.25},
-    "group_l1": {"lam": 0.6, "dim": -1}, "nuclear": {"lam": 0.8},
+    "group_l1": {"lam": 0.6, "dim": -1}, "nuclear": {"lam": 0.8}, "simplex": {"dim": -1},
 }
 
 
@@ -69,6 +69,11 @@ def test_prox_minimises_its_objective(name):
             u = u.clamp(min=0)
         if name == "box":
             u = u.clamp(-0.5, 0.25)
+        if name == "simplex":  # stay on the simplex: move along directions that sum to zero
+            u = x + 1e-3 * (lambda d: d - d.mean(-1, keepdim=True))(torch.randn(shape, generator=g, dtype=D))
+            u = torch.where(x == 0, torch.zeros_like(u).clamp(min=0), u)
+            if bool((u < 0).any()) or not torch.allclose(u.sum(-1), torch.ones(4, dtype=D)):
+                continue
         assert _objective(name, params, u, z, t) >= best - 1e-12
 
 
@@ -173,3 +178,21 @@ def test_register_user_prox():
     p.grad = torch.tensor([-2.0, 4.0], dtype=D)
     opt.step()
     assert torch.allclose(p.detach(), torch.tensor([1.0, -2.0], dtype=D) / 2)
+
+
+def test_simplex_projection():
+    z = torch.tensor([[0.5, 0.5, 0.5], [3.0, 0.0, -1.0], [0.2, 0.3, 0.5]], dtype=D)
+    x = get_prox("simplex")(z, 1.0)
+    assert torch.allclose(x, torch.tensor([[1 / 3] * 3, [1.0, 0.0, 0.0], [0.2, 0.3, 0.5]], dtype=D))
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(50, 7, generator=g, dtype=D) * 3
+    x = get_prox("simplex")(z, 0.1)
+    assert bool((x >= 0).all()) and torch.allclose(x.sum(-1), torch.ones(50, dtype=D))
+    # optimality: x_i = max(z_i - theta, 0) with one theta per row, i.e. z - x is constant on the support
+    d = torch.where(x > 0, z - x, torch.nan)
+    assert torch.allclose(torch.nanmean(d, -1, keepdim=True).expand_as(d)[x > 0], d[x > 0])
+    # along dim 0, radius 2
+    x0 = get_prox("simplex")(z.T.contiguous(), 1.0, dim=0, radius=2.0)
+    assert torch.allclose(x0.sum(0), torch.full((50,), 2.0, dtype=D))
+    assert float(prox_value("simplex", x, 1).max()) == 0.0
+    assert float(prox_value("simplex", z, 1).min()) == math.inf

@@ -25,6 +25,7 @@ CASES = {
     "group_l1": ({"lam": LAM, "dim": -1},
                  lambda v, t: v / torch.clamp(v.norm(dim=-1, keepdim=True) / LAM, min=1.0)),
     "nuclear": ({"lam": LAM}, None),
+    "simplex": ({"dim": -1}, None),
 }
 
 arrays = st.integers(0, 2**31 - 1).map(lambda s: torch.Generator().manual_seed(s))
@@ -64,6 +65,11 @@ def _subgradient_ok(name, params, x, v, t):
         ok_on = ((v - lam * x / n.clamp(min=1e-300).unsqueeze(-1)).abs().amax(-1) <= 1e-7)[on]
         ok_off = (v.norm(dim=-1) <= lam + 1e-9)[~on]
         return bool(ok_on.all() and ok_off.all())
+    if name == "simplex":  # v = theta 1 + (normal cone of x >= 0): constant on the support, <= it off
+        on = x > 0
+        theta = torch.where(on, v, torch.nan).nanmean(-1, keepdim=True)
+        return bool(((v - theta).abs()[on] <= 1e-9).all() and ((v - theta) <= 1e-9)[~on].all()
+                    and torch.allclose(x.sum(-1), torch.ones(x.shape[0], dtype=x.dtype)))
     if name == "nuclear":  # v in lam d|X|_*  <=>  |v|_2 <= lam and <v, X> = lam |X|_*
         nuc = float(torch.linalg.matrix_norm(x, ord="nuc"))
         return bool(torch.linalg.matrix_norm(v, ord=2) <= lam * (1 + 1e-9)) and abs(
@@ -79,7 +85,7 @@ def test_optimality_condition(name, g):
     z = _rand(g, *shape)
     if name == "nuclear":
         t = float(torch.rand((), generator=g, dtype=D)) + 0.1
-    elif name == "group_l1":
+    elif name in ("group_l1", "simplex"):
         t = torch.rand(5, 1, generator=g, dtype=D) + 0.1  # uniform within each group (a row)
     else:
         t = torch.rand(*shape, generator=g, dtype=D) + 0.1  # per coordinate

@@ -401,3 +401,36 @@ class _Nuclear:
         if x.dim() < 2:
             raise ValueError(f"nuclear norm needs matrices, got shape {tuple(x.shape)}")
         return lam * _sum_trailing(torch.linalg.svdvals(x), batch_dims)
+
+
+def _check_simplex(params: dict) -> None:
+    d = params["dim"]
+    if isinstance(d, bool) or not isinstance(d, int):
+        raise TypeError(f"simplex dim must be an int, got {d!r}")
+    _check_strength({"radius": params["radius"]}, "radius")
+    if params["radius"] == 0:
+        raise ValueError("simplex radius must be > 0")
+
+
+@_builtin("simplex", {"dim": -1, "radius": 1.0}, None, _check_simplex)
+class _Simplex:
+    """r = indicator of the simplex {x >= 0, sum x = radius} along ``dim`` (mixture weights).
+
+    Prox: the Euclidean projection (Duchi, Shalev-Shwartz, Singer, Chandra 2008; sort
+    based), whatever the step. Its value allows a rounding slack of 1e-6 on the sum.
+    """
+
+    @staticmethod
+    def prox(z, t, dim=-1, radius=1.0):
+        zt = z.movedim(dim, -1)
+        u, _ = torch.sort(zt, dim=-1, descending=True)
+        css = u.cumsum(-1) - radius
+        k = torch.arange(1, zt.shape[-1] + 1, device=z.device, dtype=z.dtype)
+        rho = ((u - css / k) > 0).sum(-1, keepdim=True).clamp(min=1)
+        theta = css.gather(-1, rho - 1) / rho.to(z.dtype)
+        return torch.clamp(zt - theta, min=0).movedim(-1, dim)
+
+    @staticmethod
+    def value(x, batch_dims=0, dim=-1, radius=1.0):
+        ok = (x >= 0) & ((x.sum(dim, keepdim=True) - radius).abs() <= 1e-6 * max(1.0, radius) * x.shape[dim])
+        return _indicator(ok, x, batch_dims)
