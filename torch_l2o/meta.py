@@ -31,11 +31,12 @@ from torch import Tensor
 from .nets import NETWORKS
 from .optim.functional import dm_update, pa_update, rnnprop_update
 from .problems.base import Problem, ProblemFamily, mean_relative_error
+from .problems.multiblock import BlockFamily, BlockProblem
 from .problems.solve import reference_solve
 from .prox import get_prox
 from .weights import build_network
 
-__all__ = ["meta_train", "MetaHistory", "rollout", "evaluate"]
+__all__ = ["meta_train", "MetaHistory", "rollout", "rollout_blocks", "evaluate"]
 
 PA_FAMILY = ("pa", "pagru", "pamr")
 LOSSES = ("log", "mean", "log_gap")
@@ -109,7 +110,35 @@ def rollout(arch: str, net, problem: Problem, carry: dict | None, steps: int, *,
     return torch.stack(values), {"x": x, "y": y, "state": state, "k": k}
 
 
+def rollout_blocks(net, problem: BlockProblem, carry: dict | None, rounds: int, *, inner_steps: int = 10,
+                   lr: float = 1.0) -> tuple[Tensor, dict]:
+    """GSO's alternation (seed 003, Algorithm 2): per round, each block in turn takes
+    ``inner_steps`` learned steps on the global loss with the others fixed. Returns ``F``
+    after every round, shape ``(rounds, B)``, and the carry (blocks, states)."""
+    if carry is None:
+        xs = problem.x0()
+        carry = {"xs": xs, "states": [net.nets[b].init_state(x.numel(), x.device) for b, x in enumerate(xs)], "k": 0}
+    xs, states = list(carry["xs"]), list(carry["states"])
+    proxes = [(name, get_prox(name).resolve(params)) for name, params in problem.block_prox()]
+    create = torch.is_grad_enabled()
+    values = []
+    for _ in range(rounds):
+        for b in range(len(xs)):
+            for _ in range(inner_steps):
+                with torch.enable_grad():
+                    xb = xs[b] if xs[b].requires_grad else xs[b].detach().requires_grad_(True)
+                    args = xs[:b] + [xb] + xs[b + 1 :]
+                    (g,) = torch.autograd.grad(problem.smooth(*args).sum(), xb, create_graph=create)
+                xs[b], states[b] = dm_update(net.nets[b], states[b], xb if create else xs[b], g, lr=lr,
+                                             prox=proxes[b][0], params=proxes[b][1])
+        values.append(problem.objective(*xs))
+    return torch.stack(values), {"xs": xs, "states": states, "k": carry["k"] + rounds}
+
+
 def _detach(carry: dict) -> dict:
+    if "xs" in carry:
+        return {"xs": [x.detach() for x in carry["xs"]], "k": carry["k"],
+                "states": [{n: t.detach() for n, t in st.items()} for st in carry["states"]]}
     return {"x": carry["x"].detach(), "y": carry["y"].detach(), "k": carry["k"],
             "state": {n: t.detach() for n, t in carry["state"].items()}}
 
@@ -125,8 +154,12 @@ def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None) -> Tensor:
 
 
 @torch.no_grad()
-def evaluate(arch: str, net, problem: Problem, F_star: Tensor, iters: int) -> Tensor:
-    """Mean relative error at every iteration 1..iters, float64, shape ``(iters,)``."""
+def evaluate(arch: str, net, problem, F_star: Tensor | None, iters: int, inner_steps: int = 10) -> Tensor:
+    """Mean relative error at every iteration 1..iters, float64, shape ``(iters,)``; for a
+    multi-block problem (no ``F*``) the mean objective after every round."""
+    if arch == "gso":
+        F, _ = rollout_blocks(net, problem, None, iters, inner_steps=inner_steps)
+        return F.double().mean(-1)
     F, _ = rollout(arch, net, problem, None, iters)
     return torch.stack([mean_relative_error(f, F_star) for f in F])
 
@@ -189,6 +222,7 @@ def meta_train(
     checkpoint_every: int = 20,
     resume: str | None = None,
     init: Any = "untrained",
+    inner_steps: int = 10,
     device: str = "cpu",
     progress: bool = True,
     callback: Callable[[int, MetaHistory], None] | None = None,
@@ -217,6 +251,9 @@ def meta_train(
         checkpoint, checkpoint_every, resume: where and how often to save; a checkpoint
             to continue from (the run then repeats the uninterrupted one exactly).
         init: initial weights (``"untrained"``, a name, a path or a state dict).
+        inner_steps: for ``"gso"`` on a multi-block family: ``t_l``, the learned steps per
+            block per round; ``horizon`` then counts rounds (``T``) and ``unroll`` the rounds
+            per meta-update (``t_u``), the loss is over the global objective after each round.
         **net_options: the network's constructor arguments.
     """
     if arch not in NETWORKS:
@@ -230,9 +267,17 @@ def meta_train(
         raise ValueError(f"horizon ({horizon}) must be a multiple of the unroll length ({seg})")
     lr = lr if lr is not None else (1e-2 if loss == "mean" else 3e-3)
     val_iters = val_iters or horizon
+    blocks = isinstance(family, BlockFamily)
+    if blocks != (arch == "gso"):
+        raise ValueError("multi-block families train 'gso'; 'gso' trains on multi-block families "
+                         f"(got arch {arch!r} and a {type(family).__name__})")
+    if loss == "log_gap" and blocks:
+        raise ValueError("loss='log_gap' needs F*, which multi-block (non-convex) families do not have")
     distributed = _init_distributed(device)
     rank, world = _rank_world()
 
+    if blocks:
+        net_options.setdefault("blocks", len(family.sample(1, generator=torch.Generator().manual_seed(0)).blocks))
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(_seed(seed, 1))
         net, _ = build_network(arch, init, **net_options)
@@ -259,12 +304,12 @@ def meta_train(
         start = ck["step"]
 
     val = family.sample(val_batch, generator=torch.Generator().manual_seed(_seed(seed, 2)), dtype=torch.float64)
-    val_F = reference_solve(val).F.to(device)
+    val_F = None if blocks else reference_solve(val).F.to(device)
     val = val.to(device=device, dtype=torch.float32)
 
     def validate(step: int) -> None:
         net.eval()
-        score_ = _val_score(evaluate(arch, net, val, val_F, val_iters))
+        score_ = _val_score(evaluate(arch, net, val, val_F, val_iters, inner_steps))
         net.train()
         hist.val_step.append(step)
         hist.val_score.append(score_)
@@ -289,7 +334,10 @@ def meta_train(
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(seed, 4, step, rank))  # dropout
             for _ in range(horizon // seg):
-                F, carry = rollout(arch, net, prob, carry, seg, score=score)
+                if blocks:
+                    F, carry = rollout_blocks(net, prob, carry, seg, inner_steps=inner_steps)
+                else:
+                    F, carry = rollout(arch, net, prob, carry, seg, score=score)
                 meta = _meta_loss(F, loss, F_star)
                 opt.zero_grad(set_to_none=False)
                 ok = bool(torch.isfinite(meta))

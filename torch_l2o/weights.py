@@ -25,10 +25,11 @@ from .nets import NETWORKS, CoordinateNet
 
 __all__ = ["build_network", "save_weights", "read_weights", "pretrained_dir", "available_weights"]
 
-ARCH_NAMES = {"l2odm": "L2O-DM", "rnnprop": "RNNProp", "pa": "L2O-PA", "pagru": "L2O-PA-GRU", "pamr": "L2O-PA-MR"}
+ARCH_NAMES = {"l2odm": "L2O-DM", "rnnprop": "RNNProp", "pa": "L2O-PA", "pagru": "L2O-PA-GRU", "pamr": "L2O-PA-MR",
+              "gso": "GSO"}
 # What weights=None loads: the PA family was trained on LASSO, L2O-DM and RNNProp on MLP
 # training (as in their papers).
-DEFAULT_WEIGHTS = {"pa": "lasso", "pagru": "lasso", "pamr": "lasso", "l2odm": "mlp", "rnnprop": "mlp"}
+DEFAULT_WEIGHTS = {"pa": "lasso", "pagru": "lasso", "pamr": "lasso", "l2odm": "mlp", "rnnprop": "mlp", "gso": "mc"}
 
 
 def pretrained_dir() -> Path:

@@ -112,13 +112,16 @@ def pa_update(
     return x_new, y_new, new_state
 
 
-def dm_update(net, state: dict, y: Tensor, g: Tensor, *, lr: float | Tensor = 1.0,
-              inplace: bool = False) -> tuple[Tensor, dict]:
-    r"""L2O-DM (Andrychowicz et al. 2016): :math:`x_{k+1} = x_k + \mathrm{lr}\cdot m(\nabla f(x_k))`."""
+def dm_update(net, state: dict, y: Tensor, g: Tensor, *, lr: float | Tensor = 1.0, prox: str = "none",
+              params: Mapping[str, Any] | None = None, inplace: bool = False) -> tuple[Tensor, dict]:
+    r"""L2O-DM (Andrychowicz et al. 2016): :math:`x_{k+1} = \operatorname{prox}_{\mathrm{lr}\,r}
+    (x_k + \mathrm{lr}\cdot m(\nabla f(x_k)))`; the prox is the identity for L2O-DM itself
+    and a block's prox for GSO."""
     feats = net.features(g.detach().reshape(-1).float(), y.detach().reshape(-1).float())
     out, new_state = net(feats, state)
     # x + lr * out is a gradient step along -out: the same fused step as every optimizer
-    x_new, _ = prox_grad_step(y, -out.view(y.shape).to(y.dtype), y, lr=lr, inplace=inplace)
+    x_new, _ = prox_grad_step(y, -out.view(y.shape).to(y.dtype), y, lr=lr, prox=prox, params=params,
+                              inplace=inplace)
     return x_new, new_state
 
 

@@ -2,6 +2,7 @@
 
 from .base import Problem, ProblemFamily, mean_relative_error
 from .families import Lasso, LassoProblem, LogisticL1, LogisticProblem, MLPFamily, MLPProblem
+from .multiblock import BlockFamily, BlockProblem, GaussianMixture, GaussianMixtureProblem, MatrixCompletion, MatrixCompletionProblem
 from .real import image_patch_lasso, sklearn_logistic, uci_logistic
 from .solve import Solution, kkt_residual, reference_solve
 
@@ -10,4 +11,6 @@ __all__ = [
     "Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem",
     "Solution", "kkt_residual", "reference_solve",
     "image_patch_lasso", "uci_logistic", "sklearn_logistic",
+    "BlockFamily", "BlockProblem", "MatrixCompletion", "MatrixCompletionProblem", "GaussianMixture",
+    "GaussianMixtureProblem",
 ]

@@ -1,0 +1,182 @@
+"""Multi-block problems: several variable blocks, one global loss (GSO, seed 003).
+
+A :class:`BlockProblem` is a batch of ``B`` instances of ``min F(x_1, ..., x_m)`` with
+``F = f(x_1, ..., x_m) + sum_b r_b(x_b)``: ``f`` smooth but non-convex jointly, each
+``r_b`` named by a registered prox. Blocks are tensors ``(B, *shape_b)``.
+
+* :class:`MatrixCompletion`: ``f(U, V) = 1/2 |P_Omega(R - U V^T)|^2 + lam/2 (|U|^2 + |V|^2)``,
+  ``R`` rank-``r`` ``n x n``, factors of rank ``k_m``.
+* :class:`GaussianMixture`: mean negative log-likelihood in the means and the mixing
+  weights (``r`` = the simplex), covariances fixed and known (identity).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields, replace
+
+import torch
+from torch import Tensor
+
+from ..prox import get_prox
+
+__all__ = ["BlockProblem", "BlockFamily", "MatrixCompletion", "MatrixCompletionProblem",
+           "GaussianMixture", "GaussianMixtureProblem"]
+
+
+@dataclass
+class BlockProblem:
+    """Base: subclasses define ``blocks`` (names), :meth:`smooth`, :meth:`x0`, ``block_prox``."""
+
+    blocks = ()
+
+    def smooth(self, *xs: Tensor) -> Tensor:
+        """The smooth part of the global loss, one value per instance ``(B,)``."""
+        raise NotImplementedError
+
+    def x0(self) -> list[Tensor]:
+        raise NotImplementedError
+
+    def block_prox(self) -> list[tuple[str, dict]]:
+        """``(prox, params)`` of each block (default: none)."""
+        return [("none", {}) for _ in self.blocks]
+
+    def objective(self, *xs: Tensor) -> Tensor:
+        F = self.smooth(*xs)
+        for x, (name, params) in zip(xs, self.block_prox()):
+            if name != "none":
+                spec = get_prox(name)
+                F = F + spec.r(x, 1, **spec.resolve(params))
+        return F
+
+    def metric(self, *xs: Tensor) -> Tensor:
+        """The figure a benchmark reports, per instance (default: the objective)."""
+        return self.objective(*xs)
+
+    @property
+    def batch(self) -> int:
+        return int(self.x0()[0].shape[0])
+
+    def to(self, *args, **kwargs) -> "BlockProblem":
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                changes[f.name] = v.to(*args, **kwargs) if v.is_floating_point() else v.to(
+                    *[a for a in args if not isinstance(a, torch.dtype)],
+                    **{k: w for k, w in kwargs.items() if k != "dtype"})
+        return replace(self, **changes)
+
+    def __getitem__(self, idx) -> "BlockProblem":
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
+
+
+class BlockFamily:
+    """A distribution over block problems; ``sample(batch, generator=, dtype=, device=)``."""
+
+    def sample(self, batch, *, generator=None, dtype=torch.float32, device=None) -> BlockProblem:
+        raise NotImplementedError
+
+
+@dataclass
+class MatrixCompletionProblem(BlockProblem):
+    R: Tensor = None        # (B, n, n) ground truth (never seen by the optimizers)
+    mask: Tensor = None     # (B, n, n) 1 where observed
+    U0: Tensor = None       # (B, n, k) starting factors
+    V0: Tensor = None
+    lam: float = 1e-3
+    blocks = ("U", "V")
+
+    def smooth(self, U: Tensor, V: Tensor) -> Tensor:
+        res = self.mask * (self.R - U @ V.transpose(1, 2))
+        return 0.5 * res.square().sum((1, 2)) + 0.5 * self.lam * (U.square().sum((1, 2)) + V.square().sum((1, 2)))
+
+    def x0(self) -> list[Tensor]:
+        return [self.U0.clone(), self.V0.clone()]
+
+    def metric(self, U: Tensor, V: Tensor) -> Tensor:
+        """RMSE = |R - U V^T|_F / |R|_F (the paper's "relative mean square error")."""
+        return torch.linalg.matrix_norm(self.R - U @ V.transpose(1, 2)) / torch.linalg.matrix_norm(self.R)
+
+
+@dataclass
+class MatrixCompletion(BlockFamily):
+    """Rank-``rank`` ``n x n`` matrices ``R = A B^T / sqrt(rank)`` (entries of unit variance),
+    each entry observed with probability ``observe``; factors ``U, V`` of ``k`` columns
+    (``k = rank`` by default: the rank known) started at N(0, k^-1/2) entries, so ``U V^T``
+    starts with entries of unit variance. Seed 003's Table 1 setting: n 100, rank 5, 20%."""
+
+    n: int = 100
+    rank: int = 5
+    observe: float = 0.2
+    k: int | None = None
+    lam: float = 1e-3
+
+    def sample(self, batch, *, generator=None, dtype=torch.float32, device=None) -> MatrixCompletionProblem:
+        n, r, k = self.n, self.rank, self.k or self.rank
+        A = torch.randn(batch, n, r, generator=generator, dtype=torch.float64)
+        Bm = torch.randn(batch, n, r, generator=generator, dtype=torch.float64)
+        R = A @ Bm.transpose(1, 2) / math.sqrt(r)
+        mask = (torch.rand(batch, n, n, generator=generator, dtype=torch.float64) < self.observe).to(torch.float64)
+        s = k ** -0.25
+        U0 = s * torch.randn(batch, n, k, generator=generator, dtype=torch.float64)
+        V0 = s * torch.randn(batch, n, k, generator=generator, dtype=torch.float64)
+        prob = MatrixCompletionProblem(R=R, mask=mask, U0=U0, V0=V0, lam=self.lam)
+        return prob.to(device=device, dtype=dtype)
+
+
+@dataclass
+class GaussianMixtureProblem(BlockProblem):
+    X: Tensor = None        # (B, G, D) samples
+    M0: Tensor = None       # (B, K, D) starting means
+    w0: Tensor = None       # (B, K) starting weights (on the simplex)
+    sigma: float = 1.0      # fixed isotropic standard deviation of every component
+    blocks = ("means", "weights")
+
+    def block_prox(self):
+        return [("none", {}), ("simplex", {"dim": -1})]
+
+    def log_components(self, M: Tensor) -> Tensor:
+        """``log N(x_g | mu_k, sigma^2 I)``, shape ``(B, G, K)``."""
+        D = self.X.shape[-1]
+        d2 = torch.cdist(self.X, M).square() if self.X.dtype != torch.float16 else (
+            (self.X.unsqueeze(2) - M.unsqueeze(1)).square().sum(-1))
+        return -0.5 * d2 / self.sigma**2 - 0.5 * D * math.log(2 * math.pi * self.sigma**2)
+
+    def smooth(self, M: Tensor, w: Tensor) -> Tensor:
+        """Mean negative log-likelihood; written as log(sum_k w_k e^(c_k - c_max)) + c_max so a
+        weight at exactly 0 keeps a finite gradient."""
+        c = self.log_components(M)
+        cmax = c.amax(-1, keepdim=True).detach()
+        p = (w.unsqueeze(1) * torch.exp(c - cmax)).sum(-1).clamp(min=torch.finfo(c.dtype).tiny)
+        return -(torch.log(p) + cmax.squeeze(-1)).mean(-1)
+
+    def x0(self) -> list[Tensor]:
+        return [self.M0.clone(), self.w0.clone()]
+
+
+@dataclass
+class GaussianMixture(BlockFamily):
+    """``K`` isotropic unit-variance Gaussians in ``D`` dimensions, means N(0, spread^2 I),
+    weights from a flat Dirichlet; ``G`` samples. The optimizers start from means at ``K``
+    random samples and uniform weights (as EM commonly does). Seed 003's setting: 2-D,
+    K = 4, G = 500; Table 5 varies D from 4 to 64."""
+
+    K: int = 4
+    D: int = 2
+    G: int = 500
+    spread: float = 3.0
+
+    def sample(self, batch, *, generator=None, dtype=torch.float32, device=None) -> GaussianMixtureProblem:
+        K, D, G = self.K, self.D, self.G
+        mu = self.spread * torch.randn(batch, K, D, generator=generator, dtype=torch.float64)
+        pi = -torch.log(torch.rand(batch, K, generator=generator, dtype=torch.float64))
+        pi = pi / pi.sum(-1, keepdim=True)
+        comp = torch.multinomial(pi, G, replacement=True, generator=generator)  # (B, G)
+        X = mu.gather(1, comp.unsqueeze(-1).expand(-1, -1, D)) + torch.randn(batch, G, D, generator=generator,
+                                                                          dtype=torch.float64)
+        start = torch.rand(batch, G, generator=generator).argsort(1)[:, :K]
+        M0 = X.gather(1, start.unsqueeze(-1).expand(-1, -1, D))
+        w0 = torch.full((batch, K), 1.0 / K, dtype=torch.float64)
+        return GaussianMixtureProblem(X=X, M0=M0, w0=w0).to(device=device, dtype=dtype)
