@@ -1,6 +1,6 @@
 """Benchmark suites: each ``run(cfg) -> dict`` with ``tables`` (name -> rows) and ``plots``."""
 
-from . import ablation, composite, nn, safeguard, step, walltime
+from . import ablation, composite, gso, nn, safeguard, step, walltime
 
 SUITES = {
     "lasso": composite.lasso,
@@ -11,5 +11,6 @@ SUITES = {
     "nn": nn.run,
     "walltime": walltime.run,
     "safeguard": safeguard.run,
+    "gso": gso.run,
     "step": step.run,
 }

@@ -97,7 +97,45 @@ class MatrixCompletionProblem(BlockProblem):
 
     def metric(self, U: Tensor, V: Tensor) -> Tensor:
         """RMSE = |R - U V^T|_F / |R|_F (the paper's "relative mean square error")."""
-        return torch.linalg.matrix_norm(self.R - U @ V.transpose(1, 2)) / torch.linalg.matrix_norm(self.R)
+        return self.rmse(U @ V.transpose(1, 2))
+
+    def rmse(self, X: Tensor) -> Tensor:
+        return torch.linalg.matrix_norm(self.R - X) / torch.linalg.matrix_norm(self.R)
+
+    @torch.no_grad()
+    def als(self, ridge: float | None = None, rounds: int = 100) -> tuple[Tensor, Tensor]:
+        """Alternating least squares from ``(U0, V0)``: each round solves every row of ``U``
+        then of ``V`` exactly, ``min |P_Omega(R - U V^T)|^2 + ridge (|U|^2 + |V|^2)`` (the
+        objective's own ``lam`` when ``ridge`` is None)."""
+        ridge = self.lam if ridge is None else ridge
+        U, V = self.U0.clone(), self.V0.clone()
+        eye = torch.eye(U.shape[-1], dtype=U.dtype, device=U.device)
+
+        def solve(M, R, W):  # rows of the factor multiplying W: (sum_j m_ij w_j w_j^T + ridge I)^-1 sum_j m_ij r_ij w_j
+            G = torch.einsum("bij,bjk,bjl->bikl", M, W, W) + ridge * eye
+            rhs = torch.einsum("bij,bjk->bik", M * R, W)
+            return torch.linalg.solve(G, rhs.unsqueeze(-1)).squeeze(-1)
+
+        Mt, Rt = self.mask.transpose(1, 2), self.R.transpose(1, 2)
+        for _ in range(rounds):
+            U = solve(self.mask, self.R, V)
+            V = solve(Mt, Rt, U)
+        return U, V
+
+    @torch.no_grad()
+    def soft_impute(self, tau: float, iters: int = 300) -> Tensor:
+        """Nuclear-norm completion ``min 1/2 |P_Omega(R - X)|^2 + tau |X|_*`` by FISTA with the
+        registry's ``nuclear`` prox (step 1: the masked loss is 1-smooth)."""
+        from ..optim import FISTA
+
+        X = torch.zeros_like(self.R, requires_grad=True)
+        opt = FISTA([X], prox="nuclear", lam=tau, lr=1.0)
+        for _ in range(iters):
+            with torch.enable_grad():
+                opt.zero_grad()
+                (0.5 * (self.mask * (self.R - X)).square().sum()).backward()
+            opt.step()
+        return opt.solution(X)
 
 
 @dataclass
@@ -154,6 +192,32 @@ class GaussianMixtureProblem(BlockProblem):
 
     def x0(self) -> list[Tensor]:
         return [self.M0.clone(), self.w0.clone()]
+
+    @torch.no_grad()
+    def em(self, iters: int = 100, tol: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
+        """EM in the means and weights with the covariances held fixed (the model optimized
+        here), from ``(M0, w0)``; stops an instance when its NLL changes by less than ``tol``
+        (seed 003's criterion). Returns means, weights and the iterations each took."""
+        M, w = self.M0.clone(), self.w0.clone()
+        its = torch.zeros(M.shape[0], dtype=torch.long, device=M.device)
+        prev = self.smooth(M, w)
+        active = torch.ones_like(its, dtype=torch.bool)
+        for _ in range(iters):
+            logr = torch.log(w.clamp(min=1e-300)).unsqueeze(1) + self.log_components(M)
+            r = torch.softmax(logr, -1)  # (B, G, K) responsibilities
+            Nk = r.sum(1)
+            M_new = (r.transpose(1, 2) @ self.X) / Nk.clamp(min=1e-12).unsqueeze(-1)
+            M_new = torch.where(Nk.unsqueeze(-1) > 1e-12, M_new, M)
+            w_new = Nk / self.X.shape[1]
+            a = active.view(-1, 1, 1)
+            M, w = torch.where(a, M_new, M), torch.where(active.view(-1, 1), w_new, w)
+            cur = self.smooth(M, w)
+            its += active.long()
+            active = active & ((prev - cur).abs() >= tol)
+            prev = cur
+            if not bool(active.any()):
+                break
+        return M, w, its
 
 
 @dataclass
