@@ -30,25 +30,32 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import torch_l2o  # noqa: E402
-from torch_l2o.problems import Lasso, LogisticL1, MLPFamily, mean_relative_error, reference_solve  # noqa: E402
+from torch_l2o.problems import (GaussianMixture, Lasso, LogisticL1, MatrixCompletion, MLPFamily,  # noqa: E402
+                                mean_relative_error, reference_solve)
 from torch_l2o.weights import ARCH_NAMES, build_network, save_weights  # noqa: E402
 
 FAMILIES = {
     "lasso": lambda: Lasso(m=250, n=500, sparsity=50, lam=0.1),
     "logistic": lambda: LogisticL1(N=1000, n=50, sparsity=20, lam=0.1),
     "mlp": lambda: MLPFamily(dataset="digits", hidden=20, samples=128),
+    "mc": lambda: MatrixCompletion(n=100, rank=5, observe=0.2),
+    "gmm": lambda: GaussianMixture(K=4, D=2, G=500),
 }
 ARCHS = {"lasso": ["pa", "pagru", "pamr", "l2odm", "rnnprop"],
          "logistic": ["pa", "pagru", "pamr", "l2odm", "rnnprop"],
-         "mlp": ["l2odm", "rnnprop"]}
+         "mlp": ["l2odm", "rnnprop"], "mc": ["gso"], "gmm": ["gso"]}
 # Training settings: the MS4L2O protocol (horizon 100 in segments of 20, fresh batches,
 # Adam, clipping) scaled to a 2-core CPU: batch 32 and 300 steps instead of 64 and 500,
 # and the scale-free log-objective meta-loss (see torch_l2o.meta_train).
 TRAIN = dict(steps=300, batch=32, horizon=100, unroll=20, loss="log", lr=3e-3, clip=1.0,
              val_every=20, val_batch=128)
+# GSO (seed 003, Algorithm 2): horizon and unroll count rounds (T and t_u), each round
+# t_l = 10 learned steps per block; T = 50 rounds per batch instead of 100 to fit a CPU.
+TRAIN_BLOCKS = dict(steps=100, batch=8, horizon=50, unroll=10, inner_steps=10, loss="log", lr=3e-3, clip=1.0,
+                    val_every=10, val_batch=16)
 EVAL = dict(instances=256, iters=1000, seed=12345)
 CLASSES = {"pa": torch_l2o.PA, "pagru": torch_l2o.PAGRU, "pamr": torch_l2o.PAMR,
-           "l2odm": torch_l2o.L2ODM, "rnnprop": torch_l2o.RNNProp}
+           "l2odm": torch_l2o.L2ODM, "rnnprop": torch_l2o.RNNProp, "gso": torch_l2o.GSO}
 PA_FAMILY = ("pa", "pagru", "pamr")
 
 
@@ -147,12 +154,39 @@ def evaluate_mlp(arch, net_sd, config, family):
             "diverged": not all(math.isfinite(v) for v in learned)}
 
 
+def evaluate_blocks(family_name, net_sd, config, family):
+    """Figures for a GSO card: 32 held instances, 100 rounds, against the classical solvers."""
+    from torch_l2o.meta import rollout_blocks
+    from torch_l2o.nets import GSONet
+
+    prob64 = family.sample(32, generator=torch.Generator().manual_seed(EVAL["seed"]), dtype=torch.float64)
+    prob = prob64.to(torch.float32)
+    net = GSONet(**config)
+    net.load_state_dict(net_sd)
+    net.eval()
+    with torch.no_grad():
+        F, carry = rollout_blocks(net, prob, None, 100, inner_steps=10)
+    xs = carry["xs"]
+    figs = {"rounds": 100, "objective_after_rounds": {r: float(F[r - 1].mean()) for r in (10, 50, 100)}}
+    if family_name == "mc":
+        figs["rmse"] = {"GSO": float(prob.metric(*xs).mean()),
+                        "ALS, ridge 0.1": float(prob64.metric(*prob64.als(0.1)).mean()),
+                        "ALS, ridge 1e-3 (the paper's)": float(prob64.metric(*prob64.als(1e-3)).mean()),
+                        "soft-impute, tau 0.3": float(prob64.rmse(prob64.soft_impute(0.3)).mean())}
+    else:
+        M, w, _ = prob64.em()
+        figs["nll"] = {"GSO": float(prob.smooth(*xs).mean()), "EM, covariances fixed": float(prob64.smooth(M, w).mean()),
+                       "start": float(prob64.smooth(*prob64.x0()).mean())}
+    return figs
+
+
 def train_one(arch, family_name, args):
     family = FAMILIES[family_name]()
     out = Path(args.out) / f"{arch}-{family_name}.safetensors"
     ck_dir = Path(args.checkpoints)
     ck_dir.mkdir(parents=True, exist_ok=True)
-    settings = {**TRAIN, "steps": args.steps or TRAIN["steps"], "seed": args.seed}
+    base = TRAIN_BLOCKS if arch == "gso" else TRAIN
+    settings = {**base, "steps": args.steps or base["steps"], "seed": args.seed}
     options = {}
     if args.card_only:
         net, info = build_network(arch, str(out))
@@ -174,11 +208,15 @@ def train_one(arch, family_name, args):
     t0 = time.perf_counter()
     if family_name == "mlp":
         figures = evaluate_mlp(arch, sd, config, family)
+    elif arch == "gso":
+        figures = evaluate_blocks(family_name, sd, config, family)
     else:
         figures = evaluate_composite(arch, sd, config, family_name, family)
     card = {
         "family": family_name, "family_settings": dict(family.__dict__),
-        "training": settings, "meta_loss": "mean over a segment's iterations and instances of log F(x_k)",
+        "training": settings,
+        "meta_loss": ("mean over a segment's rounds and instances of log F after each round" if arch == "gso"
+                      else "mean over a segment's iterations and instances of log F(x_k)"),
         "training_cpu_seconds": seconds,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "validation": {"instances": EVAL["instances"], "seed": EVAL["seed"], "float": "float32 iterates, float64 F*",
@@ -192,7 +230,7 @@ def train_one(arch, family_name, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", nargs="+", default=["lasso"], help="lasso, logistic, mlp or all")
+    ap.add_argument("--family", nargs="+", default=["lasso"], help="lasso, logistic, mlp, mc, gmm or all")
     ap.add_argument("--arch", nargs="+", default=["all"], help=f"{', '.join(CLASSES)} or all")
     ap.add_argument("--steps", type=int, help=f"meta-training steps (default {TRAIN['steps']})")
     ap.add_argument("--seed", type=int, default=0)
