@@ -14,6 +14,14 @@ from torch_l2o.problems import Lasso
 LAM = 0.1
 
 
+def _mathgd_weights():
+    """A MathGD network that is not plain gradient descent (a non-zero last layer)."""
+    net = torch_l2o.nets.MathGDNet(hidden=16, init_scale=1.0)
+    with torch.no_grad():
+        net.out.weight.copy_(torch.linspace(-1, 1, 16))
+    return net.state_dict()
+
+
 def _prox_kw(lr):
     return dict(prox="l1", lam=LAM, lr=lr)
 
@@ -29,6 +37,8 @@ OPTIMIZERS = {
                                                         attend="coordinates", **kw), False),
     "L2ODM": (lambda ps, lr, **kw: torch_l2o.L2ODM(ps, lr=0.5, weights="untrained", **kw), True),
     "RNNProp": (lambda ps, lr, **kw: torch_l2o.RNNProp(ps, lr=0.5, weights="untrained", **kw), True),
+    "MathGD": (lambda ps, lr, **kw: torch_l2o.MathGD(ps, **_prox_kw(lr), weights=_mathgd_weights(), hidden=16,
+                                                     **kw), False),
 }
 NAMES = sorted(OPTIMIZERS)
 
@@ -225,7 +235,8 @@ def test_functional_update_is_differentiable(prob):
 
 def test_parameter_counts():
     counts = {k: sum(p.numel() for p in N().parameters()) for k, N in torch_l2o.nets.NETWORKS.items()}
-    assert counts == {"l2odm": 5301, "rnnprop": 6801, "pa": 5742, "pagru": 2898, "pamr": 4594}
+    assert counts == {"l2odm": 5301, "rnnprop": 6801, "pa": 5742, "pagru": 2898, "pamr": 4594, "gso": 2 * 5301,
+                      "mathgd": 3 * 5120 + 4}
     assert counts["pamr"] < counts["pa"]  # the paper's claim holds for the default configuration
 
 

@@ -29,17 +29,17 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .nets import NETWORKS
-from .optim.functional import dm_update, pa_update, rnnprop_update
-from .problems.base import Problem, ProblemFamily, mean_relative_error
+from .optim.functional import dm_update, mathgd_update, pa_update, rnnprop_update
+from .problems.base import Problem, ProblemFamily, mean_relative_error, optimal_values
 from .problems.multiblock import BlockFamily, BlockProblem
-from .problems.solve import reference_solve
 from .prox import get_prox
 from .weights import build_network
 
 __all__ = ["meta_train", "MetaHistory", "rollout", "rollout_blocks", "evaluate"]
 
 PA_FAMILY = ("pa", "pagru", "pamr")
-LOSSES = ("log", "mean", "log_gap")
+PROX_ARCHS = PA_FAMILY + ("mathgd",)  # they apply the prox of r; the others see its subgradient
+LOSSES = ("log", "mean", "log_gap", "last")
 
 
 @dataclass
@@ -71,7 +71,7 @@ def _gradient(problem: Problem, y: Tensor, arch: str) -> Tensor:
         with torch.enable_grad():
             yy = y if y.requires_grad else y.detach().requires_grad_(True)
             (g,) = torch.autograd.grad(problem.smooth(yy).sum(), yy, create_graph=torch.is_grad_enabled())
-    if arch not in PA_FAMILY and problem.prox != "none":
+    if arch not in PROX_ARCHS and problem.prox != "none":
         with torch.enable_grad():
             yy = y.detach().requires_grad_(True)
             (gr,) = torch.autograd.grad(problem.regularizer(yy).sum(), yy)
@@ -91,7 +91,7 @@ def rollout(arch: str, net, problem: Problem, carry: dict | None, steps: int, *,
         carry = {"x": y, "y": y, "state": net.init_state(y.numel(), y.device), "k": 0}
     x, y, state, k = carry["x"], carry["y"], carry["state"], carry["k"]
     if lr is None:
-        lr = problem.step_size() if arch in PA_FAMILY else 1.0
+        lr = problem.step_size() if arch in PROX_ARCHS else 1.0
     spec = get_prox(problem.prox)
     params = spec.resolve(problem.prox_params)
     values = []
@@ -99,6 +99,9 @@ def rollout(arch: str, net, problem: Problem, carry: dict | None, steps: int, *,
         g = _gradient(problem, y, arch)
         if arch in PA_FAMILY:
             x, y, state = pa_update(net, state, y, g, x, lr=lr, prox=problem.prox, params=params, instance_dims=1)
+        elif arch == "mathgd":
+            y = mathgd_update(net, y, g, lr=lr, prox=problem.prox, params=params)
+            x = y
         elif arch == "l2odm":
             y, state = dm_update(net, state, y, g, lr=lr)
             x = y
@@ -149,6 +152,8 @@ def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None) -> Tensor:
         return F.mean()
     if kind == "log":
         return torch.log(F).mean()
+    if kind == "last":
+        return F[-1].mean()
     gap = torch.clamp(F - F_star, min=0) + 1e-7 * F_star.abs()
     return torch.log(gap).mean()
 
@@ -223,6 +228,7 @@ def meta_train(
     resume: str | None = None,
     init: Any = "untrained",
     inner_steps: int = 10,
+    meta_optimizer: str = "adam",
     device: str = "cpu",
     progress: bool = True,
     callback: Callable[[int, MetaHistory], None] | None = None,
@@ -241,7 +247,9 @@ def meta_train(
             training stays stable; ``"mean"``: the reference's mean of ``F`` (dominated by
             the first, large values; diverged in our trials at lr 1e-2);
             ``"log_gap"``: mean ``log(F - F*)``, which needs ``F*`` per batch (a float64
-            solve per step) and rewards high accuracy most.
+            solve per step) and rewards high accuracy most; ``"last"``: the batch-mean ``F``
+            at a segment's last iteration (Math-L2O's objective; with ``unroll=horizon``,
+            full backpropagation through the horizon).
         score: evaluate ``F`` at the prox output ``"x"`` (what users read, the default)
             or at the extrapolated point ``"y"`` (the reference code).
         clip: gradient-norm clipping (``None``: off).
@@ -254,6 +262,7 @@ def meta_train(
         inner_steps: for ``"gso"`` on a multi-block family: ``t_l``, the learned steps per
             block per round; ``horizon`` then counts rounds (``T``) and ``unroll`` the rounds
             per meta-update (``t_u``), the loss is over the global objective after each round.
+        meta_optimizer: ``"adam"`` (default) or ``"sgd"`` (Math-L2O's protocol).
         **net_options: the network's constructor arguments.
     """
     if arch not in NETWORKS:
@@ -284,7 +293,9 @@ def meta_train(
     net.to(device).train()
     for q in net.parameters():
         q.requires_grad_(True)
-    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    if meta_optimizer not in ("adam", "sgd"):
+        raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {meta_optimizer!r}")
+    opt = (torch.optim.Adam if meta_optimizer == "adam" else torch.optim.SGD)(net.parameters(), lr=lr)
     hist = MetaHistory()
     best = {k: v.detach().clone() for k, v in net.state_dict().items()}
     start = 0
@@ -304,7 +315,7 @@ def meta_train(
         start = ck["step"]
 
     val = family.sample(val_batch, generator=torch.Generator().manual_seed(_seed(seed, 2)), dtype=torch.float64)
-    val_F = None if blocks else reference_solve(val).F.to(device)
+    val_F = None if blocks else optimal_values(val).to(device)
     val = val.to(device=device, dtype=torch.float32)
 
     def validate(step: int) -> None:
@@ -328,7 +339,7 @@ def meta_train(
     for step in range(start, steps):
         gen = torch.Generator().manual_seed(_seed(seed, 3, step, rank))
         prob = family.sample(batch, generator=gen, dtype=torch.float64 if loss == "log_gap" else torch.float32)
-        F_star = reference_solve(prob).F.float().to(device) if loss == "log_gap" else None
+        F_star = optimal_values(prob).float().to(device) if loss == "log_gap" else None
         prob = prob.to(device=device, dtype=torch.float32)
         carry, seg_losses, seg_norms = None, [], []
         with torch.random.fork_rng(devices=[]):

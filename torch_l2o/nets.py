@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAMRNet", "GSONet", "NETWORKS"]
+__all__ = ["DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAMRNet", "GSONet", "MathGDNet", "NETWORKS"]
 
 State = dict[str, Tensor]
 
@@ -247,6 +247,40 @@ class GSONet(CoordinateNet):
         return {"blocks": len(self.nets), "hidden": c["hidden"], "layers": c["layers"], "preprocess": c["preprocess"]}
 
 
+class MathGDNet(CoordinateNet):
+    """Math-L2O learned gradient descent (Song, Lin, Xu, NeurIPS 2025, seed 004): a
+    coordinate-wise MLP without biases on ``[g, x]``, ``2 -> 2 (ReLU) -> H (ReLU) -> 1``,
+    output ``P = 2 sigmoid`` in (0, 2). The deterministic initialisation (hidden weights
+    orthogonal times ``init_scale`` from a fixed seed, last layer zero) gives ``P = 1``:
+    before any training the optimizer *is* gradient descent. ``3 H + 4`` parameters
+    (15,364 with the paper's ``H = 5120``)."""
+
+    def __init__(self, hidden: int = 5120, init_scale: float = 100.0) -> None:
+        super().__init__()
+        self.l1 = nn.Linear(2, 2, bias=False)
+        self.l2 = nn.Linear(2, hidden, bias=False)
+        self.out = nn.Linear(hidden, 1, bias=False)
+        self.init_scale = init_scale
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for lin in (self.l1, self.l2):
+                q, r = torch.linalg.qr(torch.randn(max(lin.weight.shape), min(lin.weight.shape), generator=g))
+                q = q * torch.sign(torch.diagonal(r))  # the orthogonal_ recipe, from a fixed seed
+                lin.weight.copy_((q if lin.weight.shape[0] >= lin.weight.shape[1] else q.T) * init_scale)
+            self.out.weight.zero_()
+
+    def init_state(self, n, device=None):
+        return {}
+
+    def forward(self, feats: Tensor, state: State, instances: int = 1):
+        z = F.relu(self.l2(F.relu(self.l1(feats))))
+        return 2 * torch.sigmoid(self.out(z)).squeeze(-1), state
+
+    def config(self):
+        return {"hidden": self.l2.out_features, "init_scale": self.init_scale}
+
+
 NETWORKS: dict[str, type[CoordinateNet]] = {
     "l2odm": DMNet, "rnnprop": RNNPropNet, "pa": PANet, "pagru": PAGRUNet, "pamr": PAMRNet, "gso": GSONet,
+    "mathgd": MathGDNet,
 }

@@ -26,10 +26,10 @@ from .nets import NETWORKS, CoordinateNet
 __all__ = ["build_network", "save_weights", "read_weights", "pretrained_dir", "available_weights"]
 
 ARCH_NAMES = {"l2odm": "L2O-DM", "rnnprop": "RNNProp", "pa": "L2O-PA", "pagru": "L2O-PA-GRU", "pamr": "L2O-PA-MR",
-              "gso": "GSO"}
+              "gso": "GSO", "mathgd": "Math-L2O GD"}
 # What weights=None loads: the PA family was trained on LASSO, L2O-DM and RNNProp on MLP
 # training (as in their papers).
-DEFAULT_WEIGHTS = {"pa": "lasso", "pagru": "lasso", "pamr": "lasso", "l2odm": "mlp", "rnnprop": "mlp", "gso": "mc"}
+DEFAULT_WEIGHTS = {"pa": "lasso", "pagru": "lasso", "pamr": "lasso", "l2odm": "mlp", "rnnprop": "mlp", "gso": "mc", "mathgd": "qp"}
 
 
 def pretrained_dir() -> Path:

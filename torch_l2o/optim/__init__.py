@@ -2,7 +2,7 @@
 
 from .base import ProxOptimizer
 from .gso import GSO
-from .learned import L2ODM, PA, PAGRU, PAMR, LearnedOptimizer, RNNProp
+from .learned import L2ODM, PA, PAGRU, PAMR, LearnedOptimizer, MathGD, RNNProp
 from .proximal import FISTA, ISTA
 
-__all__ = ["ProxOptimizer", "ISTA", "FISTA", "LearnedOptimizer", "PA", "PAGRU", "PAMR", "L2ODM", "RNNProp", "GSO"]
+__all__ = ["ProxOptimizer", "ISTA", "FISTA", "LearnedOptimizer", "PA", "PAGRU", "PAMR", "L2ODM", "RNNProp", "GSO", "MathGD"]

@@ -142,3 +142,14 @@ def rnnprop_update(net, state: dict, y: Tensor, g: Tensor, *, lr: float | Tensor
     x_new, _ = prox_grad_step(y, (0.1 * out).view(y.shape).to(y.dtype), y, lr=lr, inplace=inplace)
     new_state.update(m=m, v=v)
     return x_new, new_state
+
+
+def mathgd_update(net, y: Tensor, g: Tensor, *, lr: float | Tensor, prox: str = "none",
+                  params: Mapping[str, Any] | None = None, inplace: bool = False) -> Tensor:
+    r"""Math-L2O learned gradient descent (Song, Lin, Xu 2025):
+    :math:`x_{k+1} = \operatorname{prox}_{s P_k r}(x_k - s P_k \nabla f(x_k))`,
+    :math:`P_k = \mathrm{net}([\nabla f(x_k), x_k]) \in (0, 2)` per coordinate, ``s = lr``."""
+    feats = torch.stack([g.detach().reshape(-1), y.detach().reshape(-1)], -1).float()
+    p, _ = net(feats, {})
+    x_new, _ = prox_grad_step(y, g, y, lr=lr, p=p.view(y.shape), a=0.0, prox=prox, params=params, inplace=inplace)
+    return x_new

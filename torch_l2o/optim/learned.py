@@ -15,10 +15,10 @@ import torch
 
 from ..weights import ARCH_NAMES, build_network
 from .base import ProxOptimizer
-from .functional import dm_update, pa_update, rnnprop_update
+from .functional import dm_update, mathgd_update, pa_update, rnnprop_update
 from .safeguard import safeguarded_step
 
-__all__ = ["LearnedOptimizer", "PA", "PAGRU", "PAMR", "L2ODM", "RNNProp"]
+__all__ = ["LearnedOptimizer", "PA", "PAGRU", "PAMR", "L2ODM", "RNNProp", "MathGD"]
 
 
 class LearnedOptimizer(ProxOptimizer):
@@ -201,4 +201,39 @@ class RNNProp(_BlackBox):
             _, new = rnnprop_update(self._net_on(p.device), self._net_state(s), p, g, lr=lr, step=s["step"],
                                     inplace=True)
             s.update(new)
+            s["step"] += 1
+
+
+class MathGD(LearnedOptimizer):
+    r"""Math-L2O learned gradient descent (Song, Lin, Xu, "Learning provably improves the
+    convergence of gradient descent", NeurIPS 2025).
+
+    .. math::
+        P_k = 2\sigmaig(W_3\,\mathrm{ReLU}(W_2\,\mathrm{ReLU}(W_1 [
+abla f(x_k), x_k]))ig),\quad
+        x_{k+1} = x_k - s\, P_k \odot 
+abla f(x_k)
+
+    (with a ``prox``: :math:`x_{k+1} = \operatorname{prox}_{s P_k r}(\cdot)`), ``s = lr``
+    (``0.9999 / L``; ``None``: estimated). With ``weights="untrained"`` the deterministic
+    initialisation (``init_scale`` = e, last layer zero) makes ``P = 1``: plain gradient
+    descent, exactly. ``hidden``/``init_scale`` set the network (H = 5120, e = 100 in the paper).
+    """
+
+    arch = "mathgd"
+
+    def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
+                 prox_params: dict | None = None, weights: Any = None, instance_dims: int | None = None,
+                 nonfinite: str = "raise", **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
+                                      instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
+        self._net_keys = ()
+
+    def _init_state(self, group, ps, states) -> None:
+        for s in states:
+            s.setdefault("step", 0)
+
+    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
+        for p, g, s, lr in zip(ps, gs, states, lrs):
+            mathgd_update(self._net_on(p.device), p, g, lr=lr, prox=group["prox"], params=prox_params, inplace=True)
             s["step"] += 1

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from ..prox import get_prox
 
-__all__ = ["Problem", "ProblemFamily", "mean_relative_error"]
+__all__ = ["Problem", "ProblemFamily", "mean_relative_error", "optimal_values"]
 
 
 @dataclass
@@ -78,6 +78,11 @@ class Problem:
             (g,) = torch.autograd.grad(self.smooth(x).sum(), x)
         return g
 
+    def optimal_value(self) -> Tensor | None:
+        """``F*`` per instance when it is known in closed form (else ``None``: use
+        :func:`~torch_l2o.problems.reference_solve`)."""
+        return None
+
     def step_size(self) -> Tensor:
         """``0.9999 / L`` per instance, shaped ``(B, 1)`` as optimizers take it."""
         return (0.9999 / self.lipschitz).unsqueeze(-1)
@@ -112,6 +117,18 @@ class ProblemFamily:
 
 
 def mean_relative_error(F: Tensor, F_star: Tensor) -> Tensor:
-    """The benchmark metric: mean over instances of ``(F(x_k) - F*) / F*``, in float64."""
+    """The benchmark metric: mean over instances of ``(F(x_k) - F*) / F*``, in float64;
+    where ``F* = 0`` (a consistent least-squares problem, say) the gap ``F(x_k)`` itself."""
     F, F_star = F.double(), F_star.double().to(F.device)
-    return ((F - F_star) / F_star.abs()).mean()
+    scale = torch.where(F_star != 0, F_star.abs(), torch.ones_like(F_star))
+    return ((F - F_star) / scale).mean()
+
+
+def optimal_values(problem: Problem) -> Tensor:
+    """``F*`` per instance: known in closed form, or from the float64 reference solver."""
+    known = problem.optimal_value()
+    if known is not None:
+        return known.double()
+    from .solve import reference_solve
+
+    return reference_solve(problem).F

@@ -12,7 +12,8 @@ from torch import Tensor
 
 from .base import Problem, ProblemFamily
 
-__all__ = ["Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem"]
+__all__ = ["Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem", "LeastSquares",
+           "LeastSquaresProblem"]
 
 
 def _sparse_vectors(batch: int, n: int, k: int, g: torch.Generator | None, dtype) -> Tensor:
@@ -216,4 +217,47 @@ class MLPFamily(ProblemFamily):
             parts.append((torch.rand(batch, size, generator=generator, dtype=torch.float64) * 2 - 1) * bound)
         prob = MLPProblem(X=X[idx], Y=y[idx], init=torch.cat(parts, 1), hidden=h, classes=classes,
                           activation=self.activation)
+        return prob.to(device=device, dtype=dtype)
+
+
+@dataclass
+class LeastSquaresProblem(Problem):
+    """``f(x) = 1/2 |W x - y|^2`` with ``y = W x_true`` (consistent: ``F* = 0``), no ``r``."""
+
+    W: Tensor = None
+    y: Tensor = None
+    x_true: Tensor | None = None
+
+    def smooth(self, x: Tensor) -> Tensor:
+        return 0.5 * (torch.einsum("bmn,bn->bm", self.W, x) - self.y).square().sum(-1)
+
+    def grad(self, x: Tensor) -> Tensor:
+        return torch.einsum("bmn,bm->bn", self.W, torch.einsum("bmn,bn->bm", self.W, x) - self.y)
+
+    @property
+    def lipschitz(self) -> Tensor:
+        return _spectral_norm(self.W).square()
+
+    @property
+    def dim(self) -> int:
+        return self.W.shape[-1]
+
+    def optimal_value(self) -> Tensor:
+        return torch.zeros(self.W.shape[0], dtype=self.W.dtype, device=self.W.device)
+
+
+@dataclass
+class LeastSquares(ProblemFamily):
+    """The quadratic programs of Math-L2O (seed 004): ``min 1/2 |W x - y|^2``, ``W`` ``m x n``
+    Gaussian with unit-norm columns, ``y = W x_true`` with ``x_true`` N(0, I), ``x0 = 0``.
+    The paper's size is 400 x 512."""
+
+    m: int = 400
+    n: int = 512
+
+    def sample(self, batch, *, generator=None, dtype=torch.float32, device=None) -> LeastSquaresProblem:
+        W = torch.randn(batch, self.m, self.n, generator=generator, dtype=torch.float64)
+        W = W / torch.linalg.vector_norm(W, dim=1, keepdim=True)
+        x = torch.randn(batch, self.n, generator=generator, dtype=torch.float64)
+        prob = LeastSquaresProblem(W=W, y=torch.einsum("bmn,bn->bm", W, x), x_true=x)
         return prob.to(device=device, dtype=dtype)
