@@ -30,8 +30,8 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import torch_l2o  # noqa: E402
-from torch_l2o.problems import (GaussianMixture, Lasso, LogisticL1, MatrixCompletion, MLPFamily,  # noqa: E402
-                                mean_relative_error, reference_solve)
+from torch_l2o.problems import (GaussianMixture, Lasso, LeastSquares, LogisticL1, MatrixCompletion,  # noqa: E402
+                                MLPFamily, mean_relative_error, reference_solve)
 from torch_l2o.weights import ARCH_NAMES, build_network, save_weights  # noqa: E402
 
 FAMILIES = {
@@ -40,10 +40,11 @@ FAMILIES = {
     "mlp": lambda: MLPFamily(dataset="digits", hidden=20, samples=128),
     "mc": lambda: MatrixCompletion(n=100, rank=5, observe=0.2),
     "gmm": lambda: GaussianMixture(K=4, D=2, G=500),
+    "qp": lambda: LeastSquares(m=400, n=512),
 }
 ARCHS = {"lasso": ["pa", "pagru", "pamr", "l2odm", "rnnprop"],
          "logistic": ["pa", "pagru", "pamr", "l2odm", "rnnprop"],
-         "mlp": ["l2odm", "rnnprop"], "mc": ["gso"], "gmm": ["gso"]}
+         "mlp": ["l2odm", "rnnprop"], "mc": ["gso"], "gmm": ["gso"], "qp": ["mathgd"]}
 # Training settings: the MS4L2O protocol (horizon 100 in segments of 20, fresh batches,
 # Adam, clipping) scaled to a 2-core CPU: batch 32 and 300 steps instead of 64 and 500,
 # and the scale-free log-objective meta-loss (see torch_l2o.meta_train).
@@ -53,9 +54,16 @@ TRAIN = dict(steps=300, batch=32, horizon=100, unroll=20, loss="log", lr=3e-3, c
 # t_l = 10 learned steps per block; T = 50 rounds per batch instead of 100 to fit a CPU.
 TRAIN_BLOCKS = dict(steps=100, batch=8, horizon=50, unroll=10, inner_steps=10, loss="log", lr=3e-3, clip=1.0,
                     val_every=10, val_batch=16)
+# Math-L2O (seed 004): SGD on the last-step objective, full backpropagation through T = 100
+# steps, batch 10, 400 x 512 problems, e = 100. H = 512 instead of 5120: storing H
+# activations per coordinate for 100 steps takes 10 GB at H = 5120.
+TRAIN_QP = dict(steps=300, batch=10, horizon=100, unroll=100, loss="last", meta_optimizer="sgd", lr=1e-3, clip=None,
+                val_every=20, val_batch=32)
+QP_NET = dict(hidden=512, init_scale=100.0)
 EVAL = dict(instances=256, iters=1000, seed=12345)
 CLASSES = {"pa": torch_l2o.PA, "pagru": torch_l2o.PAGRU, "pamr": torch_l2o.PAMR,
-           "l2odm": torch_l2o.L2ODM, "rnnprop": torch_l2o.RNNProp, "gso": torch_l2o.GSO}
+           "l2odm": torch_l2o.L2ODM, "rnnprop": torch_l2o.RNNProp, "gso": torch_l2o.GSO,
+           "mathgd": torch_l2o.MathGD}
 PA_FAMILY = ("pa", "pagru", "pamr")
 
 
@@ -180,14 +188,32 @@ def evaluate_blocks(family_name, net_sd, config, family):
     return figs
 
 
+def evaluate_qp(net_sd, config, family):
+    """Figures for a Math-L2O card: objective at T = 100 against GD, Nesterov and Adam."""
+    prob = family.sample(64, generator=torch.Generator().manual_seed(EVAL["seed"]))
+    s = prob.step_size()
+    metric = lambda x: float(prob.smooth(x).mean())  # noqa: E731
+    runs = {"gd": _trace(prob, lambda ps: torch_l2o.ISTA(ps, lr=s), 100, metric=metric),
+            "nesterov": _trace(prob, lambda ps: torch_l2o.FISTA(ps, lr=s), 100, metric=metric),
+            "learned": _trace(prob, lambda ps: torch_l2o.MathGD(ps, lr=s, weights=net_sd, **config), 100, metric=metric)}
+    for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
+        runs[f"adam_lr_{lr:g}"] = _trace(prob, lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr), 100, metric=metric)
+    best_adam = min((k for k in runs if k.startswith("adam")), key=lambda k: runs[k][100])
+    gd = runs["gd"][100]
+    return {"objective_at_100": {k: runs[k][100] for k in ("gd", "nesterov", "learned", best_adam)},
+            "gain_over_gd": (gd - runs["learned"][100]) / gd,
+            "targets": {"> 50% lower objective than GD at T = 100 (the paper)":
+                        {"gain": (gd - runs["learned"][100]) / gd, "met": (gd - runs["learned"][100]) / gd > 0.5}}}
+
+
 def train_one(arch, family_name, args):
     family = FAMILIES[family_name]()
     out = Path(args.out) / f"{arch}-{family_name}.safetensors"
     ck_dir = Path(args.checkpoints)
     ck_dir.mkdir(parents=True, exist_ok=True)
-    base = TRAIN_BLOCKS if arch == "gso" else TRAIN
+    base = TRAIN_BLOCKS if arch == "gso" else TRAIN_QP if arch == "mathgd" else TRAIN
     settings = {**base, "steps": args.steps or base["steps"], "seed": args.seed}
-    options = {}
+    options = dict(QP_NET) if arch == "mathgd" else {}
     if args.card_only:
         net, info = build_network(arch, str(out))
         best, hist_d, seconds = net.state_dict(), (info["card"] or {}).get("training_history", {}), None
@@ -210,13 +236,16 @@ def train_one(arch, family_name, args):
         figures = evaluate_mlp(arch, sd, config, family)
     elif arch == "gso":
         figures = evaluate_blocks(family_name, sd, config, family)
+    elif arch == "mathgd":
+        figures = evaluate_qp(sd, config, family)
     else:
         figures = evaluate_composite(arch, sd, config, family_name, family)
     card = {
         "family": family_name, "family_settings": dict(family.__dict__),
         "training": settings,
-        "meta_loss": ("mean over a segment's rounds and instances of log F after each round" if arch == "gso"
-                      else "mean over a segment's iterations and instances of log F(x_k)"),
+        "meta_loss": {"gso": "mean over a segment's rounds and instances of log F after each round",
+                      "mathgd": "batch-mean F at the last of T = 100 steps, full backpropagation"}.get(
+                          arch, "mean over a segment's iterations and instances of log F(x_k)"),
         "training_cpu_seconds": seconds,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "validation": {"instances": EVAL["instances"], "seed": EVAL["seed"], "float": "float32 iterates, float64 F*",
@@ -230,7 +259,7 @@ def train_one(arch, family_name, args):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--family", nargs="+", default=["lasso"], help="lasso, logistic, mlp, mc, gmm or all")
+    ap.add_argument("--family", nargs="+", default=["lasso"], help="lasso, logistic, mlp, mc, gmm, qp or all")
     ap.add_argument("--arch", nargs="+", default=["all"], help=f"{', '.join(CLASSES)} or all")
     ap.add_argument("--steps", type=int, help=f"meta-training steps (default {TRAIN['steps']})")
     ap.add_argument("--seed", type=int, default=0)

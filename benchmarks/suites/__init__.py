@@ -1,6 +1,6 @@
 """Benchmark suites: each ``run(cfg) -> dict`` with ``tables`` (name -> rows) and ``plots``."""
 
-from . import ablation, composite, gso, nn, safeguard, step, walltime
+from . import ablation, composite, gso, mathl2o, nn, safeguard, step, walltime
 
 SUITES = {
     "lasso": composite.lasso,
@@ -12,5 +12,6 @@ SUITES = {
     "walltime": walltime.run,
     "safeguard": safeguard.run,
     "gso": gso.run,
+    "mathl2o": mathl2o.run,
     "step": step.run,
 }
