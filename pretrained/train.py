@@ -57,7 +57,7 @@ TRAIN_BLOCKS = dict(steps=100, batch=8, horizon=50, unroll=10, inner_steps=10, l
 # Math-L2O (seed 004): SGD on the last-step objective, full backpropagation through T = 100
 # steps, batch 10, 400 x 512 problems, e = 100. H = 512 instead of 5120: storing H
 # activations per coordinate for 100 steps takes 10 GB at H = 5120.
-TRAIN_QP = dict(steps=300, batch=10, horizon=100, unroll=100, loss="last", meta_optimizer="sgd", lr=1e-3, clip=None,
+TRAIN_QP = dict(steps=300, batch=10, horizon=100, unroll=100, loss="last", meta_optimizer="sgd", lr=1e-5, clip=None,
                 val_every=20, val_batch=32)
 QP_NET = dict(hidden=512, init_scale=100.0)
 EVAL = dict(instances=256, iters=1000, seed=12345)

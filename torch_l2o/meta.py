@@ -229,6 +229,7 @@ def meta_train(
     init: Any = "untrained",
     inner_steps: int = 10,
     meta_optimizer: str = "adam",
+    fixed_batch: bool = False,
     device: str = "cpu",
     progress: bool = True,
     callback: Callable[[int, MetaHistory], None] | None = None,
@@ -263,6 +264,8 @@ def meta_train(
             block per round; ``horizon`` then counts rounds (``T``) and ``unroll`` the rounds
             per meta-update (``t_u``), the loss is over the global objective after each round.
         meta_optimizer: ``"adam"`` (default) or ``"sgd"`` (Math-L2O's protocol).
+        fixed_batch: train on the same ``batch`` instances at every step (a fixed training
+            set, as in Math-L2O's convergence analysis) instead of fresh ones.
         **net_options: the network's constructor arguments.
     """
     if arch not in NETWORKS:
@@ -337,7 +340,7 @@ def meta_train(
     if start == 0 and not hist.val_step:
         validate(0)
     for step in range(start, steps):
-        gen = torch.Generator().manual_seed(_seed(seed, 3, step, rank))
+        gen = torch.Generator().manual_seed(_seed(seed, 3, 0 if fixed_batch else step, rank))
         prob = family.sample(batch, generator=gen, dtype=torch.float64 if loss == "log_gap" else torch.float32)
         F_star = optimal_values(prob).float().to(device) if loss == "log_gap" else None
         prob = prob.to(device=device, dtype=torch.float32)
