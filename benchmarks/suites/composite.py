@@ -98,12 +98,16 @@ def _merge(*results) -> dict:
     return out
 
 
+def _in_distribution(name: str, family, cfg) -> dict:
+    """Test instances (seed) and separate tuning instances (seed + 1) from the training family."""
+    prob = family.sample(cfg.instances, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
+    tune = family.sample(32, generator=torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64)
+    return compare(name, prob, cfg, name, tune_on=tune)
+
+
 def lasso(cfg) -> dict:
     """LASSO 250 x 500 in distribution."""
-    fam = Lasso()
-    prob = fam.sample(cfg.instances, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
-    tune = fam.sample(32, generator=torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64)
-    return compare("lasso", prob, cfg, "lasso", tune_on=tune)
+    return _in_distribution("lasso", Lasso(), cfg)
 
 
 def lasso_ood(cfg) -> dict:
@@ -124,10 +128,7 @@ def lasso_ood(cfg) -> dict:
 
 def logistic(cfg) -> dict:
     """L1 logistic 1000 x 50 in distribution."""
-    fam = LogisticL1()
-    prob = fam.sample(cfg.instances, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
-    tune = fam.sample(32, generator=torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64)
-    return compare("logistic", prob, cfg, "logistic", tune_on=tune)
+    return _in_distribution("logistic", LogisticL1(), cfg)
 
 
 def logistic_ood(cfg) -> dict:

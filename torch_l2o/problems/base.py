@@ -17,11 +17,33 @@ from torch import Tensor
 
 from ..prox import get_prox
 
-__all__ = ["Problem", "ProblemFamily", "mean_relative_error", "optimal_values"]
+__all__ = ["TensorFields", "Problem", "ProblemFamily", "mean_relative_error", "optimal_values"]
+
+
+class TensorFields:
+    """For dataclasses of batch-first tensors: cast or move them all, or slice instances."""
+
+    def to(self, *args, **kwargs):
+        """A copy with every tensor field moved or cast (``.to(torch.float64)``); integer
+        tensors (labels, masks of indices) are only moved."""
+        changes = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if isinstance(v, Tensor):
+                changes[f.name] = v.to(*args, **kwargs) if v.is_floating_point() else v.to(
+                    *[a for a in args if not isinstance(a, torch.dtype)],
+                    **{k: w for k, w in kwargs.items() if k != "dtype"},
+                )
+        return replace(self, **changes)
+
+    def __getitem__(self, idx):
+        """The instances ``idx`` (a slice or an index tensor) as a smaller problem."""
+        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
+                                if isinstance(getattr(self, f.name), Tensor)})
 
 
 @dataclass
-class Problem:
+class Problem(TensorFields):
     """A batch of instances of ``F(x) = f(x) + r(x)``; subclasses define :meth:`smooth`.
 
     Tensor fields hold the data, batch first. ``lipschitz`` has shape ``(B,)``.
@@ -86,24 +108,6 @@ class Problem:
     def step_size(self) -> Tensor:
         """``0.9999 / L`` per instance, shaped ``(B, 1)`` as optimizers take it."""
         return (0.9999 / self.lipschitz).unsqueeze(-1)
-
-    def to(self, *args, **kwargs) -> "Problem":
-        """A copy with every tensor field moved or cast (``.to(torch.float64)``)."""
-        changes = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                changes[f.name] = v.to(*args, **kwargs) if v.is_floating_point() else v.to(
-                    *[a for a in args if not isinstance(a, torch.dtype)],
-                    **{k: w for k, w in kwargs.items() if k != "dtype"},
-                )
-        return replace(self, **changes)
-
-    def __getitem__(self, idx) -> "Problem":
-        """The instances ``idx`` (a slice or an index tensor) as a smaller problem."""
-        changes = {f.name: getattr(self, f.name)[idx] for f in fields(self)
-                   if isinstance(getattr(self, f.name), Tensor)}
-        return replace(self, **changes)
 
 
 class ProblemFamily:

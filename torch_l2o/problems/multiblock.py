@@ -13,19 +13,20 @@ A :class:`BlockProblem` is a batch of ``B`` instances of ``min F(x_1, ..., x_m)`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from ..prox import get_prox
+from .base import TensorFields
 
 __all__ = ["BlockProblem", "BlockFamily", "MatrixCompletion", "MatrixCompletionProblem",
            "GaussianMixture", "GaussianMixtureProblem"]
 
 
 @dataclass
-class BlockProblem:
+class BlockProblem(TensorFields):
     """Base: subclasses define ``blocks`` (names), :meth:`smooth`, :meth:`x0`, ``block_prox``."""
 
     blocks = ()
@@ -56,20 +57,6 @@ class BlockProblem:
     @property
     def batch(self) -> int:
         return int(self.x0()[0].shape[0])
-
-    def to(self, *args, **kwargs) -> "BlockProblem":
-        changes = {}
-        for f in fields(self):
-            v = getattr(self, f.name)
-            if isinstance(v, Tensor):
-                changes[f.name] = v.to(*args, **kwargs) if v.is_floating_point() else v.to(
-                    *[a for a in args if not isinstance(a, torch.dtype)],
-                    **{k: w for k, w in kwargs.items() if k != "dtype"})
-        return replace(self, **changes)
-
-    def __getitem__(self, idx) -> "BlockProblem":
-        return replace(self, **{f.name: getattr(self, f.name)[idx] for f in fields(self)
-                                if isinstance(getattr(self, f.name), Tensor)})
 
 
 class BlockFamily:
