@@ -45,9 +45,10 @@ def main(argv=None) -> dict:
     cfg = parse(argv)
     os.makedirs(cfg.out, exist_ok=True)
     results = {"machine": machine(), "command": " ".join(["python benchmarks/run.py"] + (argv or sys.argv[1:])),
-               "config": dict(vars(cfg)), "suites": {}}
+               "config": {k: v for k, v in vars(cfg).items() if k != "previous"}, "suites": {}}
     for name in cfg.suites:
         t0 = time.perf_counter()
+        cfg.previous = results["suites"]  # later suites may reuse earlier runs (the ablation does)
         res = SUITES[name](cfg)
         res["seconds"] = time.perf_counter() - t0
         results["suites"][name] = res

@@ -110,17 +110,27 @@ def lasso(cfg) -> dict:
     return _in_distribution("lasso", Lasso(), cfg)
 
 
-def lasso_ood(cfg) -> dict:
-    """LASSO on 8x8 natural-image patches (dictionary 64 x 128, lam 0.5): out of distribution."""
-    images = None
+def ood_images(cfg):
+    """A folder of natural images in the data directory (BSDS500/ or images/), else None:
+    scikit-learn's sample images."""
     if cfg.data_dir:
         from pathlib import Path
 
-        bsds = [p for p in (Path(cfg.data_dir) / "BSDS500", Path(cfg.data_dir) / "images") if p.is_dir()]
-        images = bsds[0] if bsds else None
-    patches = 1000 if cfg.full else 256
-    prob = image_patch_lasso(images, patches=patches, seed=cfg.seed, dtype=torch.float64)
-    tune = image_patch_lasso(images, patches=32, seed=cfg.seed + 1, dtype=torch.float64)
+        found = [p for p in (Path(cfg.data_dir) / "BSDS500", Path(cfg.data_dir) / "images") if p.is_dir()]
+        return found[0] if found else None
+    return None
+
+
+def ood_patches(cfg, seed_offset=0, patches=None):
+    return image_patch_lasso(ood_images(cfg), patches=patches or (1000 if cfg.full else 256),
+                             seed=cfg.seed + seed_offset, dtype=torch.float64)
+
+
+def lasso_ood(cfg) -> dict:
+    """LASSO on 8x8 natural-image patches (dictionary 64 x 128, lam 0.5): out of distribution."""
+    images = ood_images(cfg)
+    prob = ood_patches(cfg)
+    tune = ood_patches(cfg, 1, patches=32)
     res = compare("lasso_ood_images", prob, cfg, "lasso", tune_on=tune)
     res["notes"] = [f"images: {images or 'scikit-learn sample images (china.jpg, flower.jpg)'}"]
     return res
