@@ -206,14 +206,22 @@ def evaluate_qp(net_sd, config, family):
                         {"gain": (gd - runs["learned"][100]) / gd, "met": (gd - runs["learned"][100]) / gd > 0.5}}}
 
 
+VARIANTS = {"coordinates": {"attend": "coordinates"}}  # PA-MR attending across coordinates (the ablation)
+
+
 def train_one(arch, family_name, args):
     family = FAMILIES[family_name]()
-    out = Path(args.out) / f"{arch}-{family_name}.safetensors"
+    name = family_name + (f"-{args.variant}" if args.variant else "")
+    out = Path(args.out) / f"{arch}-{name}.safetensors"
     ck_dir = Path(args.checkpoints)
     ck_dir.mkdir(parents=True, exist_ok=True)
     base = TRAIN_BLOCKS if arch == "gso" else TRAIN_QP if arch == "mathgd" else TRAIN
     settings = {**base, "steps": args.steps or base["steps"], "seed": args.seed}
     options = dict(QP_NET) if arch == "mathgd" else {}
+    if args.variant:
+        if arch != "pamr":
+            raise SystemExit(f"--variant {args.variant} applies to pamr only")
+        options.update(VARIANTS[args.variant])
     if args.card_only:
         net, info = build_network(arch, str(out))
         best, hist_d, seconds = net.state_dict(), (info["card"] or {}).get("training_history", {}), None
@@ -222,7 +230,7 @@ def train_one(arch, family_name, args):
         seconds = card_old.get("training_cpu_seconds")
         config = net.config()
     else:
-        ck = ck_dir / f"{arch}-{family_name}-seed{args.seed}.pt"
+        ck = ck_dir / f"{arch}-{name}-seed{args.seed}.pt"
         best, hist = torch_l2o.meta_train(arch, family, checkpoint=str(ck), resume=str(ck),
                                            checkpoint_every=10, **settings, **options)
         net, _ = build_network(arch, best, **options)
@@ -251,7 +259,8 @@ def train_one(arch, family_name, args):
         "validation": {"instances": EVAL["instances"], "seed": EVAL["seed"], "float": "float32 iterates, float64 F*",
                        "figures": figures, "evaluation_seconds": round(time.perf_counter() - t0, 1)},
         "training_history": hist_d,
-        "reproduce": f"python pretrained/train.py --family {family_name} --arch {arch} --seed {args.seed}",
+        "reproduce": (f"python pretrained/train.py --family {family_name} --arch {arch} --seed {args.seed}"
+                      + (f" --variant {args.variant}" if args.variant else "")),
     }
     save_weights(out, net, arch, card)
     print(json.dumps({"file": str(out), "figures": figures}, indent=1))
@@ -266,6 +275,7 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--checkpoints", default=str(HERE / "checkpoints"))
     ap.add_argument("--card-only", action="store_true", help="re-evaluate a shipped file and rewrite its card")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates)")
     args = ap.parse_args(argv)
     families = list(FAMILIES) if "all" in args.family else args.family
     for fam in families:
