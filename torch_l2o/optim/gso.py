@@ -83,9 +83,6 @@ class GSO(LearnedOptimizer):
         """Index of the param group (block) the next step moves."""
         return self._schedule()["block"]
 
-    def _init_state(self, group, ps, states) -> None:
-        super()._init_state(group, ps, states)
-
     def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         if gi != self.active_block:
