@@ -76,7 +76,10 @@ def _trace(problem, make, iters, composite=False, metric=None):
     for _ in range(iters):
         opt.zero_grad()
         loss_fn(x).sum().backward()
-        opt.step()
+        try:
+            opt.step()
+        except FloatingPointError:  # diverged: a non-finite gradient; record it, do not crash
+            return out + [float("inf")] * (iters + 1 - len(out))
         sol = opt.solution(x) if hasattr(opt, "solution") else x.detach()
         out.append(metric(sol))
     return out

@@ -45,6 +45,10 @@ class ProxOptimizer(Optimizer):
       ``state[p]["skipped_steps"]``.
     """
 
+    # lr=None: the step is auto_lr_scale / L_estimate. Learned optimizers that scale the step
+    # by p in (0, 2) halve it: the secant estimate runs below L (about 0.7 L on LASSO), and
+    # 2 / (0.7 L) is past the stability limit 2 / L.
+    auto_lr_scale: float = 1.0
     # state that lives in the parameter's dtype; load_state_dict keeps every other
     # state tensor's saved dtype (torch would cast them all to the parameter's)
     _param_like_keys: tuple[str, ...] = ("x", "prev_y", "prev_g", "sg_T")
@@ -223,10 +227,11 @@ class ProxOptimizer(Optimizer):
         """The automatic step, and the gradients to step with."""
         k = group["instance_dims"]
         if closure is None:
-            return stepsize.online_lipschitz(states, [p.detach() for p in ps], gs, k), gs
+            return self.auto_lr_scale * stepsize.online_lipschitz(states, [p.detach() for p in ps], gs, k), gs
         gs = [g.clone() for g in gs]  # backtracking calls the closure, which may zero p.grad in place
         try:
-            return stepsize.backtracking_lipschitz(closure, ps, states, gs, loss, group["prox"], pp, k), gs
+            lr = stepsize.backtracking_lipschitz(closure, ps, states, gs, loss, group["prox"], pp, k)
+            return self.auto_lr_scale * lr, gs
         finally:
             for p, g in zip(ps, gs):
                 p.grad = g  # the gradient at y, as the user's closure left it

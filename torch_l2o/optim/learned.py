@@ -59,6 +59,8 @@ class LearnedOptimizer(ProxOptimizer):
 
 
 class _PAFamily(LearnedOptimizer):
+    auto_lr_scale = 0.5
+
     def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
                  prox_params: dict | None = None, weights: Any = None, safeguard: bool = False,
                  instance_dims: int | None = None, nonfinite: str = "raise", **options: Any) -> None:
@@ -221,6 +223,7 @@ abla f(x_k)
     """
 
     arch = "mathgd"
+    auto_lr_scale = 0.5
 
     def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
                  prox_params: dict | None = None, weights: Any = None, instance_dims: int | None = None,
