@@ -13,14 +13,14 @@ import torch_l2o
 from torch_l2o.problems import MLPFamily
 from torch_l2o.weights import available_weights
 
-ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-SGD_GRID = (0.1, 0.3, 1.0, 3.0)
+ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
+SGD_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def _loss_curve(problem, make, iters):
     x = problem.x0().requires_grad_(True)
     opt = make([x])
-    losses = [float(problem.smooth(x).mean())]
+    losses = [float(problem.smooth(x.detach()).mean())]
     t = 0.0
     for _ in range(iters):
         t0 = time.perf_counter()
