@@ -22,7 +22,7 @@ import torch_l2o
 from torch_l2o.problems import LeastSquares
 from torch_l2o.weights import available_weights, build_network
 
-ADAM = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
+ADAM = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
 def _objective_at(prob, make, T=100):
