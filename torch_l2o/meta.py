@@ -146,12 +146,16 @@ def _detach(carry: dict) -> dict:
             "state": {n: t.detach() for n, t in carry["state"].items()}}
 
 
-def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None) -> Tensor:
-    """Scalar meta-loss of a segment from ``F`` of shape ``(steps, B)``."""
+def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None, F0: Tensor | None = None) -> Tensor:
+    """Scalar meta-loss of a segment from ``F`` of shape ``(steps, B)``; ``F0`` is each
+    instance's objective at the start of the horizon."""
     if kind == "mean":
         return F.mean()
     if kind == "log":
-        return torch.log(F).mean()
+        # log F's gradient 1/F vanishes as an instance diverges: charge an objective above
+        # its start linearly, so the rare instance that blows up is pushed back hard
+        penalty = torch.relu(F / F0 - 1).mean() if F0 is not None else 0.0
+        return torch.log(F).mean() + penalty
     if kind == "last":
         return F[-1].mean()
     gap = torch.clamp(F - F_star, min=0) + 1e-7 * F_star.abs()
@@ -345,6 +349,8 @@ def meta_train(
         F_star = optimal_values(prob).float().to(device) if loss == "log_gap" else None
         prob = prob.to(device=device, dtype=torch.float32)
         carry, seg_losses, seg_norms = None, [], []
+        with torch.no_grad():
+            F0 = (prob.objective(*prob.x0()) if blocks else prob.objective(prob.x0())).detach()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(seed, 4, step, rank))  # dropout
             for _ in range(horizon // seg):
@@ -352,7 +358,7 @@ def meta_train(
                     F, carry = rollout_blocks(net, prob, carry, seg, inner_steps=inner_steps)
                 else:
                     F, carry = rollout(arch, net, prob, carry, seg, score=score)
-                meta = _meta_loss(F, loss, F_star)
+                meta = _meta_loss(F, loss, F_star, F0)
                 opt.zero_grad(set_to_none=False)
                 ok = bool(torch.isfinite(meta))
                 if ok:
