@@ -349,3 +349,18 @@ def test_solution_of_unknown_parameter():
     opt = torch_l2o.FISTA([torch.zeros(2, requires_grad=True)], lr=0.1)
     with pytest.raises(ValueError, match="not a parameter"):
         opt.solution(torch.zeros(2))
+
+
+def test_probe_grows_until_a_secant_is_accepted():
+    """A tiny gradient change (below the rounding floor) must not freeze the step at the probe."""
+    A = torch.eye(4) * 1e-3  # f = 1/2 |A x - b|^2 has L = 1e-6: the first probe moves g by rounding only
+    b = torch.ones(4)
+    x = torch.zeros(4, requires_grad=True)
+    opt = torch_l2o.FISTA([x])
+    for _ in range(60):
+        opt.zero_grad()
+        (0.5 * (A @ x - b).square().sum()).backward()
+        opt.step()
+    L = float(opt.state[x]["lipschitz"])
+    assert 0.5e-6 <= L <= 1.0e-6 * (1 + 1e-3)
+    assert float((A @ opt.solution(x) - b).norm()) < 0.5  # it moved towards x* = 1000

@@ -8,7 +8,8 @@ gradient, one per problem instance:
   ``L_k`` never exceeds it; keeping the running maximum is the safeguard: a step that
   was too long excites the steep directions, whose next secant raises ``L_k``. The
   first step is a short probe (length ``1e-3 * max(|y_0|, 1)`` along ``-g_0``) whose
-  only purpose is the first secant.
+  only purpose is the first secant; a probe too short to move the gradient beyond
+  rounding brings none, and is repeated ten times longer.
 * **Backtracking** (Beck & Teboulle 2009; with a closure that returns the smooth loss):
   starting from the secant estimate, ``L`` is multiplied by ``eta = 2`` until the plain
   prox-gradient point ``x+ = prox_{r/L}(y - g / L)`` satisfies the descent lemma
@@ -76,18 +77,23 @@ def probe_lr(ys, gs, k: int) -> Tensor:
 
 
 def online_lipschitz(states: Sequence[dict], ys, gs, k: int) -> Tensor:
-    """The step ``1/L_k`` from the secant estimate; updates ``states`` (one per tensor)."""
+    """The step ``1/L_k`` from the secant estimate; updates ``states`` (one per tensor).
+
+    Until a secant has been accepted the step is a probe, ten times longer at every step
+    that brings none: a probe whose gradient change drowns in rounding gives no estimate.
+    """
     s0 = states[0]
     if "lipschitz" not in s0:
-        lr = probe_lr(ys, gs, k)
-        L = torch.zeros_like(lr)
+        probe = probe_lr(ys, gs, k)
+        L = torch.zeros_like(probe)
     else:
         est = secant(ys, gs, [s["prev_y"] for s in states], [s["prev_g"] for s in states], k)
-        L = torch.fmax(s0["lipschitz"], est)  # fmax ignores the NaN of a zero move
-        lr = torch.where(L > 0, 1.0 / L, s0["probe_lr"])
+        L = torch.fmax(s0["lipschitz"], est)  # fmax ignores the NaN of a rejected secant
+        probe = torch.where(L > 0, s0["probe_lr"], 10 * s0["probe_lr"])
+    lr = torch.where(L > 0, 1.0 / torch.where(L > 0, L, 1.0), probe)
     for s, y, g in zip(states, ys, gs):
         s["lipschitz"] = L
-        s["probe_lr"] = lr if "probe_lr" not in s else s["probe_lr"]
+        s["probe_lr"] = probe
         if "prev_y" in s:
             s["prev_y"].copy_(y)
             s["prev_g"].copy_(g)
