@@ -50,6 +50,9 @@ ARCHS = {"lasso": ["pa", "pagru", "pamr", "l2odm", "rnnprop"],
 # and the scale-free log-objective meta-loss (see torch_l2o.meta_train).
 TRAIN = dict(steps=300, batch=32, horizon=100, unroll=20, loss="log", lr=3e-3, clip=1.0,
              val_every=20, val_batch=128)
+# Small MLPs (L2O-DM, RNNProp papers): 1,510 weights per network, so batch 8 (12k coordinates,
+# fewer than LASSO's 32 x 500 = 16k) and 150 steps keep a run near 15 CPU minutes.
+TRAIN_MLP = dict(TRAIN, steps=150, batch=8, val_batch=32)
 # GSO (seed 003, Algorithm 2): horizon and unroll count rounds (T and t_u), each round
 # t_l = 10 learned steps per block; T = 50 rounds per batch instead of 100 to fit a CPU.
 TRAIN_BLOCKS = dict(steps=100, batch=8, horizon=50, unroll=10, inner_steps=10, loss="log", lr=3e-3, clip=1.0,
@@ -250,7 +253,8 @@ def train_one(arch, family_name, args):
     out = Path(args.out) / f"{arch}-{name}.safetensors"
     ck_dir = Path(args.checkpoints)
     ck_dir.mkdir(parents=True, exist_ok=True)
-    base = TRAIN_BLOCKS if arch == "gso" else TRAIN_QP if arch == "mathgd" else TRAIN
+    base = (TRAIN_BLOCKS if arch == "gso" else TRAIN_QP if arch == "mathgd"
+            else TRAIN_MLP if family_name == "mlp" else TRAIN)
     settings = {**base, "steps": args.steps or base["steps"], "seed": args.seed}
     options = dict(QP_NET) if arch == "mathgd" else {}
     if args.variant:
