@@ -364,3 +364,23 @@ def test_probe_grows_until_a_secant_is_accepted():
     L = float(opt.state[x]["lipschitz"])
     assert 0.5e-6 <= L <= 1.0e-6 * (1 + 1e-3)
     assert float((A @ opt.solution(x) - b).norm()) < 0.5  # it moved towards x* = 1000
+
+
+@pytest.mark.parametrize("cls", [torch_l2o.ISTA, torch_l2o.FISTA])
+def test_probe_at_a_minimiser_stays_finite(cls):
+    """x = 0 is the LASSO solution when lam >= |A^T b|_inf: the probe cannot move, and must
+    not grow to inf (it did, and the gradient turned NaN after ~40 steps)."""
+    torch.manual_seed(0)
+    A = torch.randn(3, 8, 5)
+    b = torch.randn(3, 8)
+    b[1] *= 1e-3  # instance 1: x* = 0
+    x = torch.zeros(3, 5, requires_grad=True)
+    opt = cls([x], prox="l1", lam=0.5, instance_dims=1)
+    for _ in range(200):
+        opt.zero_grad()
+        (0.5 * (torch.einsum("bmn,bn->bm", A, x) - b).square().sum()).backward()
+        opt.step()
+    sol = opt.solution(x)
+    assert torch.isfinite(opt.state[x]["probe_lr"]).all()
+    assert torch.equal(sol[1], torch.zeros(5))
+    assert torch.isfinite(sol).all() and (sol[0] != 0).any()

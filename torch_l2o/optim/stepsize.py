@@ -9,7 +9,8 @@ gradient, one per problem instance:
   was too long excites the steep directions, whose next secant raises ``L_k``. The
   first step is a short probe (length ``1e-3 * max(|y_0|, 1)`` along ``-g_0``) whose
   only purpose is the first secant; a probe too short to move the gradient beyond
-  rounding brings none, and is repeated ten times longer.
+  rounding brings none, and is repeated ten times longer (a probe that does not move
+  at all sits at a minimiser and is kept as it is).
 * **Backtracking** (Beck & Teboulle 2009; with a closure that returns the smooth loss):
   starting from the secant estimate, ``L`` is multiplied by ``eta = 2`` until the plain
   prox-gradient point ``x+ = prox_{r/L}(y - g / L)`` satisfies the descent lemma
@@ -32,6 +33,7 @@ PROBE = 1e-3
 ETA = 2.0
 MAX_BACKTRACKS = 60
 NOISE = 1e3
+MAX_PROBE = 1e30  # a finite cap: the step times a float32 gradient must not overflow to NaN
 
 
 def instance_shape(p: Tensor, k: int) -> tuple[int, ...]:
@@ -89,7 +91,11 @@ def online_lipschitz(states: Sequence[dict], ys, gs, k: int) -> Tensor:
     else:
         est = secant(ys, gs, [s["prev_y"] for s in states], [s["prev_g"] for s in states], k)
         L = torch.fmax(s0["lipschitz"], est)  # fmax ignores the NaN of a rejected secant
-        probe = torch.where(L > 0, s0["probe_lr"], 10 * s0["probe_lr"])
+        # A probe that did not move at all hit a fixed point of the prox-gradient map: the
+        # point is optimal (e.g. x = 0 when lam >= |grad f(0)|_inf), and a longer probe would
+        # grow without end (to inf, then NaN). Lengthen only probes that moved.
+        moved = _sq_norm([y - s["prev_y"] for y, s in zip(ys, states)], k) > 0
+        probe = torch.where((L > 0) | ~moved, s0["probe_lr"], (10 * s0["probe_lr"]).clamp(max=MAX_PROBE))
     lr = torch.where(L > 0, 1.0 / torch.where(L > 0, L, 1.0), probe)
     for s, y, g in zip(states, ys, gs):
         s["lipschitz"] = L
