@@ -15,3 +15,7 @@ SUITES = {
     "mathl2o": mathl2o.run,
     "step": step.run,
 }
+
+# The quick default (``python benchmarks/run.py``, under 10 minutes on a 2-core CPU); the
+# safeguard, GSO and Math-L2O suites train or sweep more and run with --all or --suite.
+DEFAULT = ["lasso", "lasso_ood", "logistic", "logistic_ood", "ablation", "nn", "walltime", "step"]

@@ -127,7 +127,7 @@ def ood_images(cfg):
 
 
 def ood_patches(cfg, seed_offset=0, patches=None):
-    return image_patch_lasso(ood_images(cfg), patches=patches or (1000 if cfg.full else 256),
+    return image_patch_lasso(ood_images(cfg), patches=patches or (1000 if cfg.full else 4 * cfg.instances),
                              seed=cfg.seed + seed_offset, dtype=torch.float64)
 
 

@@ -60,7 +60,7 @@ def _skglm_fit(A, b, alpha, tol):
 
 
 def run(cfg) -> dict:
-    sizes = [250, 500, 1000, 2000] + ([4000] if cfg.full else [])
+    sizes = [250, 500, 1000, 2000, 4000] if cfg.full else [250, 500, 1000]
     batch = 16 if cfg.full else 4
     solvers = {"scikit-learn Lasso": _sklearn_fit}
     try:
