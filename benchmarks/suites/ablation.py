@@ -18,13 +18,14 @@ EXTRA = {"L2O-PA-MR (across coordinates)": ("pamr", "lasso-coordinates", {})}
 
 def _counts() -> list[dict]:
     rows = []
-    for label, arch, weights in (("L2O-PA", "pa", "lasso"), ("L2O-PA-GRU", "pagru", "lasso"),
-                                 ("L2O-PA-MR", "pamr", "lasso"),
-                                 ("L2O-PA-MR (across coordinates)", "pamr", "lasso-coordinates")):
+    for label, arch, weights, opts in (("L2O-PA", "pa", "lasso", {}), ("L2O-PA-GRU", "pagru", "lasso", {}),
+                                       ("L2O-PA-MR", "pamr", "lasso", {}),
+                                       ("L2O-PA-MR (across coordinates)", "pamr", "lasso-coordinates",
+                                        {"attend": "coordinates"})):
         if weights in available_weights(arch):
             net, _ = build_network(arch, weights)
-        else:
-            net = NETWORKS[arch]()
+        else:  # not trained yet: count the untrained network of the same configuration
+            net = NETWORKS[arch](**opts)
         rows.append({"model": label, "parameters": sum(p.numel() for p in net.parameters()),
                      "config": net.config(), "weights shipped": weights in available_weights(arch)})
     return rows
