@@ -151,10 +151,11 @@ def plot_traces(path: str, title: str, traces: list[Trace]) -> bool:
     except ImportError:
         return False
     fig, axes = plt.subplots(1, 2, figsize=(11, 4))
-    for tr in traces:
+    for i, tr in enumerate(traces):
         errs = [max(e, 1e-16) for e in tr.errors]
-        axes[0].semilogy(range(len(errs)), errs, label=tr.method)
-        axes[1].semilogy(tr.seconds, errs, label=tr.method)
+        style = dict(label=tr.method, color=f"C{i % 10}", linestyle="-" if i < 10 else "--")  # 10 colours, then dashed
+        axes[0].semilogy(range(len(errs)), errs, **style)
+        axes[1].semilogy(tr.seconds, errs, **style)
     axes[0].set_xlabel("iteration")
     axes[1].set_xlabel("seconds")
     for ax in axes:
