@@ -33,7 +33,7 @@ def _loss_curve(problem, make, iters):
 
 
 def _suite(name, family, cfg, iters):
-    n = 64 if not cfg.full else 256
+    n = 256 if cfg.full else max(8, cfg.instances // 2)  # the learned optimizers cost ~45x Adam per step
     prob = family.sample(n, generator=torch.Generator().manual_seed(cfg.seed))
     tune = family.sample(16, generator=torch.Generator().manual_seed(cfg.seed + 1))
 
