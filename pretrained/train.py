@@ -307,6 +307,7 @@ def train_one(arch, family_name, args):
                        "figures": figures, "evaluation_seconds": round(time.perf_counter() - t0, 1)},
         "training_history": hist_d,
         "reproduce": (f"python pretrained/train.py --family {family_name} --arch {arch} --seed {args.seed}"
+                      + (f" --steps {args.steps}" if args.steps else "")
                       + (f" --variant {args.variant}" if args.variant else "")),
     }
     save_weights(out, net, arch, card)
