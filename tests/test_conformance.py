@@ -3,6 +3,7 @@ closures, schedulers, hooks, dtypes, batched instances."""
 
 import copy
 import math
+import warnings
 
 import pytest
 import torch
@@ -240,11 +241,17 @@ def test_parameter_counts():
     assert counts["pamr"] < counts["pa"]  # the paper's claim holds for the default configuration
 
 
-def test_untrained_default_warns_and_explicit_does_not():
+def test_untrained_default_warns_and_explicit_does_not(tmp_path, monkeypatch):
+    """Without shipped weights (an empty weights folder) the default is the untrained
+    network, with a warning; weights="untrained" asks for it and does not warn."""
+    monkeypatch.setenv("TORCH_L2O_PRETRAINED", str(tmp_path))
+    assert torch_l2o.weights.available_weights("pa") == []
     x = torch.zeros(3, requires_grad=True)
     with pytest.warns(UserWarning, match="untrained"):
-        torch_l2o.PA([x], prox="l1", lam=0.1, lr=0.1, weights=None) if not torch_l2o.weights.available_weights("pa") \
-            else pytest.skip("pretrained weights are shipped")
+        torch_l2o.PA([x], prox="l1", lam=0.1, lr=0.1, weights=None)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        torch_l2o.PA([x], prox="l1", lam=0.1, lr=0.1, weights="untrained")
 
 
 def test_blackbox_optimizers_refuse_prox():
