@@ -38,8 +38,8 @@ def parse(argv=None) -> SimpleNamespace:
     ap.add_argument("--report", help="also write the tables as Markdown to this file")
     a = ap.parse_args(argv)
     return SimpleNamespace(
-        suites=a.suite or (list(SUITES) if a.all or a.full else DEFAULT), full=a.full, seed=a.seed, device=a.device, data_dir=a.data_dir, out=a.out,
-        report=a.report, instances=a.instances or (1024 if a.full else 32), iters=a.iters or (1000 if a.full else 200),
+        suites=a.suite or (list(SUITES) if a.all or a.full else DEFAULT), full=a.full, seed=a.seed,
+        device=a.device, data_dir=a.data_dir, out=a.out, report=a.report, instances=a.instances or (1024 if a.full else 32), iters=a.iters or (1000 if a.full else 200),
     )
 
 

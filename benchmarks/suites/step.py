@@ -21,6 +21,11 @@ from torch_l2o.kernels import prox_grad_step
 LAM = 0.1
 
 
+def _min_run_time(cfg) -> float:
+    """Seconds per timed measurement: short in the quick run, which must fit 10 minutes."""
+    return 1.0 if cfg.full else 0.1
+
+
 def unfused(y, g, x, lr, p, a):
     t = lr * p
     z = y - t * g
@@ -75,7 +80,7 @@ def optimizer_costs(cfg) -> list[dict]:
             state_bytes = sum(v.numel() * v.element_size() for v in opt.state[x].values()
                               if isinstance(v, torch.Tensor))
             t = benchmark.Timer("opt.step()", globals={"opt": opt})
-            sec = t.blocked_autorange(min_run_time=0.1 if not cfg.full else 1.0).median
+            sec = t.blocked_autorange(min_run_time=_min_run_time(cfg)).median
             adam = adam or sec
             rows.append({"elements": n, "optimizer": name, "state bytes/element": state_bytes / n,
                          "ns/element/step": sec / n * 1e9, "time vs Adam": sec / adam})
@@ -105,7 +110,7 @@ def run(cfg) -> dict:
             for name, fn in impls.items():
                 fn(y, g, x, 0.1, p, a)  # warm-up (and compilation)
                 t = benchmark.Timer("fn(y, g, x, 0.1, p, a)", globals=dict(fn=fn, y=y, g=g, x=x, p=p, a=a))
-                sec = t.blocked_autorange(min_run_time=0.1 if not cfg.full else 1.0).median
+                sec = t.blocked_autorange(min_run_time=_min_run_time(cfg)).median
                 base = base or sec
                 rows.append({"operands": mode, "elements": n, "impl": name, "ns/element": sec / n * 1e9,
                              "GB/s": n_bytes / sec / 1e9, "speedup vs unfused": base / sec})

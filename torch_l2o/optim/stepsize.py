@@ -55,14 +55,20 @@ def _dot(us: Sequence[Tensor], vs: Sequence[Tensor], k: int) -> Tensor:
     return sum(instance_sum(u.double() * v.double(), k) for u, v in zip(us, vs))
 
 
-def secant(ys, gs, ys_prev, gs_prev, k: int) -> Tensor:
-    """``|g - g_prev| / |y - y_prev|`` per instance, jointly over the tensors.
+def _dist(us: Sequence[Tensor], vs: Sequence[Tensor], k: int) -> Tensor:
+    """``|u - v|`` per instance, jointly over the tensors."""
+    return _sq_norm([u - v for u, v in zip(us, vs)], k).sqrt()
+
+
+def secant(ys, gs, ys_prev, gs_prev, k: int, dy: Tensor | None = None) -> Tensor:
+    """``|g - g_prev| / |y - y_prev|`` per instance, jointly over the tensors
+    (``dy``: ``|y - y_prev|`` when the caller has it already).
 
     NaN where it carries no information: no move, or a change of gradient within
     ``NOISE`` (in units of the dtype's epsilon) of the gradients' size, where rounding
     would dominate the quotient (near convergence in float32).
     """
-    dy = _sq_norm([y - yp for y, yp in zip(ys, ys_prev)], k).sqrt()
+    dy = _dist(ys, ys_prev, k) if dy is None else dy
     dg = _sq_norm([g - gp for g, gp in zip(gs, gs_prev)], k).sqrt()
     scale = _sq_norm(gs, k).sqrt() + _sq_norm(gs_prev, k).sqrt()
     floor = NOISE * torch.finfo(gs[0].dtype).eps * scale
@@ -89,13 +95,14 @@ def online_lipschitz(states: Sequence[dict], ys, gs, k: int) -> Tensor:
         probe = probe_lr(ys, gs, k)
         L = torch.zeros_like(probe)
     else:
-        est = secant(ys, gs, [s["prev_y"] for s in states], [s["prev_g"] for s in states], k)
+        ys_prev = [s["prev_y"] for s in states]
+        dy = _dist(ys, ys_prev, k)
+        est = secant(ys, gs, ys_prev, [s["prev_g"] for s in states], k, dy=dy)
         L = torch.fmax(s0["lipschitz"], est)  # fmax ignores the NaN of a rejected secant
         # A probe that did not move at all hit a fixed point of the prox-gradient map: the
         # point is optimal (e.g. x = 0 when lam >= |grad f(0)|_inf), and a longer probe would
         # grow without end (to inf, then NaN). Lengthen only probes that moved.
-        moved = _sq_norm([y - s["prev_y"] for y, s in zip(ys, states)], k) > 0
-        probe = torch.where((L > 0) | ~moved, s0["probe_lr"], (10 * s0["probe_lr"]).clamp(max=MAX_PROBE))
+        probe = torch.where((L > 0) | (dy == 0), s0["probe_lr"], (10 * s0["probe_lr"]).clamp(max=MAX_PROBE))
     lr = torch.where(L > 0, 1.0 / torch.where(L > 0, L, 1.0), probe)
     for s, y, g in zip(states, ys, gs):
         s["lipschitz"] = L
