@@ -95,7 +95,7 @@ def test_no_pickle_on_the_load_path(tmp_path, monkeypatch):
 
 def test_shipped_weights_load_and_match_their_cards():
     """Every file in pretrained/ loads into its optimizer and matches its card's sha256."""
-    names = {arch: available_weights(arch) for arch in ("pa", "pagru", "pamr", "l2odm", "rnnprop")}
+    names = {arch: available_weights(arch) for arch in ("pa", "pagru", "pamr", "l2odm", "rnnprop", "gso", "mathgd")}
     if not any(names.values()):
         pytest.skip("no pretrained weights shipped yet")
     for arch, have in names.items():
