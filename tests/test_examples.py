@@ -1,0 +1,29 @@
+"""The quick examples run as a user runs them and print what their docstrings promise.
+(``custom_family.py`` meta-trains for minutes: a script, not a test.)"""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def _run(name):
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    out = subprocess.run([sys.executable, str(EXAMPLES / name)], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    return out.stdout
+
+
+def test_lasso_fista_example():
+    out = _run("lasso_fista.py")
+    assert "same solution: True" in out
+
+
+def test_gso_mixture_example_matches_em():
+    out = _run("gso_mixture.py")
+    start, gso, em = map(float, re.search(r"start NLL ([\d.]+)\s+GSO ([\d.]+)\s+EM ([\d.]+)", out).groups())
+    assert gso < start and abs(gso - em) < 0.01 * (start - em), out
+    assert abs(float(re.search(r"sum ([\d.]+)", out).group(1)) - 1) < 1e-4, out
