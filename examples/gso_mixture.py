@@ -38,7 +38,7 @@ for t in range(50 * 2 * 10):                                 # 50 rounds of 10 s
 Me, we = M0.clone(), w0.clone()
 for _ in range(100):
     r = torch.softmax(torch.log(we) - 0.5 * torch.cdist(X, Me).square() / sigma**2, dim=-1)
-    Me, we = (r.T @ X) / r.sum(0).unsqueeze(-1), r.mean(0)
+    Me, we = (r.T @ X) / r.sum(0).clamp_min(1e-12).unsqueeze(-1), r.mean(0)
 
 with torch.no_grad():
     print(f"start NLL {nll(M0, w0):.4f}   GSO {nll(M, w):.4f}   EM {nll(Me, we):.4f}")

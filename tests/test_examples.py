@@ -24,6 +24,9 @@ def test_lasso_fista_example():
 
 def test_gso_mixture_example_matches_em():
     out = _run("gso_mixture.py")
-    start, gso, em = map(float, re.search(r"start NLL ([\d.]+)\s+GSO ([\d.]+)\s+EM ([\d.]+)", out).groups())
+    nll = re.search(r"start NLL ([\d.]+)\s+GSO ([\d.]+)\s+EM ([\d.]+)", out)
+    total = re.search(r"sum ([\d.]+)", out)
+    assert nll and total, out
+    start, gso, em = map(float, nll.groups())
     assert gso < start and abs(gso - em) < 0.01 * (start - em), out
-    assert abs(float(re.search(r"sum ([\d.]+)", out).group(1)) - 1) < 1e-4, out
+    assert abs(float(total.group(1)) - 1) < 1e-4, out

@@ -14,7 +14,7 @@ log-likelihood in 2-D and D = 4..64 (Table 5): GSO against EM with the covarianc
 fixed (the same model) and scikit-learn's GaussianMixture (spherical covariances, which
 it also fits), from the same starting means and weights; and EM from that start and 9
 more (means at K random samples, as the family's own start), keeping the best likelihood,
-as a user would run it (scikit-learn's ``n_init``). CPU seconds for the whole row's batch.
+as a user would run it (scikit-learn's ``n_init``). Seconds: wall clock, one thread, for the row's whole batch.
 
 GSO's shipped weights were trained on one setting per family (rank 5 at 20% observed;
 2-D mixtures); every other row is out of its training distribution.
@@ -34,7 +34,7 @@ from torch_l2o.problems import GaussianMixture, MatrixCompletion
 from torch_l2o.weights import available_weights
 
 RIDGES = (1e-3, 1e-2, 0.1, 0.3, 1.0, 3.0)
-TAUS = (0.1, 0.3, 1.0, 3.0)
+TAUS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0)
 ADAM_LRS = (1e-3, 3e-3, 1e-2, 3e-2)
 
 
@@ -76,7 +76,7 @@ def _alt_gd(prob, lr=1e-3, rounds=100, inner=10):
 
 def _mc_row(label, fam, cfg, n_test, have_gso):
     test = fam.sample(n_test, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
-    tune = fam.sample(max(4, n_test // 4), generator=torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64)
+    tune = fam.sample(max(8, n_test // 4), generator=torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64)
     ridge = min(RIDGES, key=lambda r: float(tune.metric(*tune.als(r)).mean()))
     tau = min(TAUS, key=lambda t: float(tune.rmse(tune.soft_impute(t, 150)).mean()))
     t32 = tune.to(torch.float32)
