@@ -39,7 +39,8 @@ def parse(argv=None) -> SimpleNamespace:
     a = ap.parse_args(argv)
     return SimpleNamespace(
         suites=a.suite or (list(SUITES) if a.all or a.full else DEFAULT), full=a.full, seed=a.seed,
-        device=a.device, data_dir=a.data_dir, out=a.out, report=a.report, instances=a.instances or (1024 if a.full else 32), iters=a.iters or (1000 if a.full else 200),
+        device=a.device, data_dir=a.data_dir, out=a.out, report=a.report,
+        instances=a.instances or (1024 if a.full else 32), iters=a.iters or (1000 if a.full else 200),
     )
 
 

@@ -9,6 +9,7 @@ import math
 import torch
 
 import torch_l2o
+from torch_l2o.problems import GaussianMixtureProblem
 
 K, sigma = 4, 1.0
 g = torch.Generator().manual_seed(0)
@@ -34,11 +35,9 @@ for t in range(50 * 2 * 10):                                 # 50 rounds of 10 s
     nll(M, w).backward()
     opt.step()
 
-# EM with the same fixed covariances, from the same start.
-Me, we = M0.clone(), w0.clone()
-for _ in range(100):
-    r = torch.softmax(torch.log(we) - 0.5 * torch.cdist(X, Me).square() / sigma**2, dim=-1)
-    Me, we = (r.T @ X) / r.sum(0).clamp_min(1e-12).unsqueeze(-1), r.mean(0)
+# EM with the same fixed covariances, from the same start (the library's, batched: one instance).
+Me, we, _ = GaussianMixtureProblem(X=X[None], M0=M0[None], w0=w0[None], sigma=sigma).em()
+Me, we = Me[0], we[0]
 
 with torch.no_grad():
     print(f"start NLL {nll(M0, w0):.4f}   GSO {nll(M, w):.4f}   EM {nll(Me, we):.4f}")

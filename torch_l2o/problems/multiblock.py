@@ -13,7 +13,7 @@ A :class:`BlockProblem` is a batch of ``B`` instances of ``min F(x_1, ..., x_m)`
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -151,6 +151,13 @@ class MatrixCompletion(BlockFamily):
         return prob.to(device=device, dtype=dtype)
 
 
+def _random_means(X: Tensor, K: int, generator=None) -> Tensor:
+    """K distinct samples of each instance ``X`` (B, G, D) as starting means."""
+    B, G, D = X.shape
+    start = torch.rand(B, G, generator=generator).argsort(1)[:, :K].to(X.device)
+    return X.gather(1, start.unsqueeze(-1).expand(-1, -1, D))
+
+
 @dataclass
 class GaussianMixtureProblem(BlockProblem):
     X: Tensor = None        # (B, G, D) samples
@@ -179,6 +186,12 @@ class GaussianMixtureProblem(BlockProblem):
 
     def x0(self) -> list[Tensor]:
         return [self.M0.clone(), self.w0.clone()]
+
+    def restart(self, generator=None) -> GaussianMixtureProblem:
+        """The same data from a new start drawn as the family draws its own (means at K
+        random samples, uniform weights): for EM with restarts."""
+        K = self.M0.shape[1]
+        return replace(self, M0=_random_means(self.X, K, generator), w0=torch.full_like(self.w0, 1.0 / K))
 
     @torch.no_grad()
     def em(self, iters: int = 100, tol: float = 1e-4) -> tuple[Tensor, Tensor, Tensor]:
@@ -227,7 +240,6 @@ class GaussianMixture(BlockFamily):
         comp = torch.multinomial(pi, G, replacement=True, generator=generator)  # (B, G)
         X = mu.gather(1, comp.unsqueeze(-1).expand(-1, -1, D)) + torch.randn(batch, G, D, generator=generator,
                                                                           dtype=torch.float64)
-        start = torch.rand(batch, G, generator=generator).argsort(1)[:, :K]
-        M0 = X.gather(1, start.unsqueeze(-1).expand(-1, -1, D))
+        M0 = _random_means(X, K, generator)
         w0 = torch.full((batch, K), 1.0 / K, dtype=torch.float64)
         return GaussianMixtureProblem(X=X, M0=M0, w0=w0).to(device=device, dtype=dtype)
