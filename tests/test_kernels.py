@@ -8,7 +8,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from torch_l2o.kernels import HAVE_TRITON, interpret_mode, kernel_supports, prox_grad_step
+from torch_l2o.kernels.reference import prox_grad_step_reference
 from torch_l2o.kernels.triton_step import broadcast_divisor
+from torch_l2o.prox import KERNEL_CODES, KERNEL_PROX, available_prox, get_prox
 
 needs_kernel = pytest.mark.skipif(
     not HAVE_TRITON or not (torch.cuda.is_available() or interpret_mode()),
@@ -16,10 +18,10 @@ needs_kernel = pytest.mark.skipif(
 )
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
-KERNEL_PROX = {
-    "none": {}, "l1": {"lam": 0.3}, "nonneg": {}, "nonneg_l1": {"lam": 0.2},
-    "elastic_net": {"lam": 0.1, "lam2": 0.7}, "l2sq": {"lam": 1.5}, "box": {"lo": -0.4, "hi": 0.6},
-}
+# A value for every strength the kernel reads, distinct so that swapped slots show, and
+# such that every entry's prox differs from the identity on randn data.
+STRENGTHS = {"lam": 0.3, "lam2": 0.7, "lo": -0.4, "hi": 0.6}
+KERNEL_PARAMS = {name: {k: STRENGTHS[k] for k in slots} for name, slots in KERNEL_PROX.items()}
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -39,11 +41,38 @@ def _ulps(a, b, dtype):
     return float(((a - b).abs() / spacing).max()) if a.numel() else 0.0
 
 
+def _assert_matches_reference(got, ref, y, grad, x, lr, p, a):
+    """The kernel's ``(x+, y+)`` against the reference's, as strictly as the device allows."""
+    (xk, yk), (xr, yr), dt = got, ref, y.dtype
+    if DEVICE == "cuda":
+        # A GPU fuses multiply-adds (y - t g, x+ + a (x+ - x)) that the reference rounds
+        # in two steps: they differ by ulps of the operands, not of the result, which
+        # can cancel to ~0 (1e-7 apart there is thousands of its ulps). So the unit is
+        # an ulp of S = max(|y|, |t g|, |x|, |x+|, |y+|), elementwise. x+: z is within
+        # 2.5 of them (|z| <= 2 S), passed on by the 1-Lipschitz prox (whose products
+        # may fuse too): 4. y+: (1 + |a|) times that, plus |a| + 1 for the fused
+        # a (x+ - x) (|x+ - x| <= 2 S): 5 (1 + |a|). Half-precision storage adds an ulp
+        # of the result, at most one of S. A wrong formula is off by a strength times
+        # the operands, orders of magnitude more.
+        d = lambda v: torch.as_tensor(v, dtype=torch.float64, device=DEVICE)
+        parts = (d(y).abs(), (d(lr) * d(p) * d(grad)).abs(), d(x).abs(), d(xr).abs(), d(yr).abs())
+        scale = torch.stack(torch.broadcast_tensors(*parts)).amax(0)
+        ulp = torch.finfo(dt).eps * torch.clamp(scale, min=torch.finfo(dt).tiny)
+        assert ((d(xk) - d(xr)).abs() <= 4 * ulp).all()
+        assert ((d(yk) - d(yr)).abs() <= 5 * (1 + d(a).abs()) * ulp).all()
+    elif dt is torch.bfloat16:
+        # Triton's interpreter rounds float32 -> bfloat16 by truncation: an ulp of the
+        # result apart, two for y+ (built on x+).
+        assert _ulps(xk, xr, dt) <= 1.0 + 1e-9 and _ulps(yk, yr, dt) <= 2.0 + 1e-9
+    else:  # the interpreter computes as the reference does, rounding for rounding
+        assert torch.equal(xk, xr) and torch.equal(yk, yr)
+
+
 @needs_kernel
 @given(
     shape=st.lists(st.integers(1, 37), min_size=1, max_size=3).filter(lambda s: math.prod(s) > 0)
     | st.sampled_from([(3, 1500), (2050,), (1024,), (4, 3, 257)]),
-    prox=st.sampled_from(sorted(KERNEL_PROX)),
+    prox=st.sampled_from(sorted(KERNEL_PARAMS)),
     dtype=st.sampled_from(sorted(DTYPES)),
     kinds=st.tuples(*[st.sampled_from(["scalar", "instance", "coord"])] * 3),
     seed=st.integers(0, 2**31 - 1),
@@ -58,7 +87,7 @@ def test_kernel_matches_reference(shape, prox, dtype, kinds, seed):
     lr = _operand(kinds[0], shape, k, g, 0.05, 1.0)
     p = _operand(kinds[1], shape, k, g, 0.0, 2.0)
     a = _operand(kinds[2], shape, k, g, 0.0, 2.0)
-    params = KERNEL_PROX[prox]
+    params = KERNEL_PARAMS[prox]
     to_dev = lambda v: v.to(DEVICE) if isinstance(v, torch.Tensor) else v  # noqa: E731
     y, grad, x, lr, p, a = map(to_dev, (y, grad, x, lr, p, a))
     assert kernel_supports(y, grad, x, lr, p, a, prox, params)
@@ -67,12 +96,49 @@ def test_kernel_matches_reference(shape, prox, dtype, kinds, seed):
     xk, yk = x.clone(), y.clone()
     out = prox_grad_step(yk, grad, xk, lr=lr, p=p, a=a, prox=prox, params=params, inplace=True, backend="triton")
     assert out[0] is xk and out[1] is yk
-    if dt is torch.bfloat16 or DEVICE == "cuda":
-        # Triton's interpreter rounds float32 -> bfloat16 by truncation, and GPUs may
-        # fuse multiply-adds: at most one unit in the last place of storage apart.
-        assert _ulps(xk, x_ref, dt) <= 1.0 + 1e-9 and _ulps(yk, y_ref, dt) <= 2.0 + 1e-9
-    else:
-        assert torch.equal(xk, x_ref) and torch.equal(yk, y_ref)
+    _assert_matches_reference((xk, yk), (x_ref, y_ref), y, grad, x, lr, p, a)
+
+
+@needs_kernel
+@pytest.mark.parametrize("prox", list(KERNEL_PROX))
+def test_every_kernel_code_has_a_branch(prox):
+    """Each declared entry runs its own branch, reading its strengths from the slots in
+    the table's order: a missing branch falls through to the identity ("none")."""
+    gen = torch.Generator().manual_seed(0)
+    y, grad, x = (torch.randn(2000, generator=gen).to(DEVICE) for _ in range(3))
+    lr, p, a = 0.5, 1.0, 0.3
+    params = KERNEL_PARAMS[prox]
+    ref = prox_grad_step_reference(y, grad, x, lr, p, a, prox, params)
+    identity = prox_grad_step_reference(y, grad, x, lr, p, a, "none")
+    assert (prox == "none") == torch.equal(ref[0], identity[0])
+    xk, yk = x.clone(), y.clone()
+    prox_grad_step(yk, grad, xk, lr=lr, p=p, a=a, prox=prox, params=params, inplace=True, backend="triton")
+    _assert_matches_reference((xk, yk), ref, y, grad, x, lr, p, a)
+
+
+def test_kernel_codes_follow_the_table():
+    """``ProxSpec.kernel`` is set exactly for the table's entries, to their position,
+    and each entry declares exactly the strengths its prox takes."""
+    codes = {n: get_prox(n).kernel for n in available_prox() if get_prox(n).kernel is not None}
+    assert codes == dict(KERNEL_CODES) == {n: i for i, n in enumerate(KERNEL_PROX)}
+    for name, slots in KERNEL_PROX.items():
+        assert sorted(slots) == sorted(get_prox(name).defaults), name
+
+
+def test_op_fallback_reads_the_slots_in_table_order():
+    """Where the kernel cannot run (float64) the op maps its slots back to named strengths."""
+    op = torch.ops.torch_l2o.fused_prox_step
+    gen = torch.Generator().manual_seed(0)
+    y, grad, x = (torch.randn(50, dtype=torch.float64, generator=gen) for _ in range(3))
+    for prox, slots in KERNEL_PROX.items():
+        xr, yr = prox_grad_step_reference(y, grad, x, 0.5, 1.0, 0.3, prox, KERNEL_PARAMS[prox])
+        xo, yo = x.clone(), y.clone()
+        op(xo, yo, grad, None, None, None, 0.5, 0.3, KERNEL_CODES[prox], [STRENGTHS[k] for k in slots])
+        assert torch.equal(xo, xr) and torch.equal(yo, yr), prox
+    with pytest.raises(ValueError, match="takes strengths"):
+        op(xo, yo, grad, None, None, None, 0.5, 0.3, KERNEL_CODES["box"], [0.0])
+    with pytest.raises(ValueError, match="unknown kernel prox code"):
+        op(xo, yo, grad, None, None, None, 0.5, 0.3, len(KERNEL_PROX), [])
 
 
 @needs_kernel
@@ -80,7 +146,7 @@ def test_kernel_propagates_nan_like_reference():
     y = torch.tensor([math.nan, 1.0, -2.0, math.inf], device=DEVICE)
     g = torch.zeros(4, device=DEVICE)
     x = torch.zeros(4, device=DEVICE)
-    for prox, params in KERNEL_PROX.items():
+    for prox, params in KERNEL_PARAMS.items():
         xr, _ = prox_grad_step(y, g, x, lr=0.1, prox=prox, params=params)
         xk, yk = x.clone(), y.clone()
         prox_grad_step(yk, g, xk, lr=0.1, prox=prox, params=params, inplace=True, backend="triton")
@@ -155,7 +221,7 @@ def test_op_is_registered_and_runs():
     y = torch.tensor([1.0, -1.0])
     g = torch.tensor([1.0, 1.0])
     x = torch.zeros(2)
-    op(x, y, g, None, None, None, 0.5, 0.0, 1, 0.1, 0.0, -math.inf, math.inf)
+    op(x, y, g, None, None, None, 0.5, 0.0, KERNEL_CODES["l1"], [0.1])
     # t = 0.5: z = [0.5, -1.5], threshold 0.05
     assert torch.allclose(x, torch.tensor([0.45, -1.45])) and torch.equal(x, y)
 
@@ -165,7 +231,7 @@ def test_torch_compile_traces_the_step():
         return prox_grad_step(y, g, x, lr=0.5, p=p, a=0.25, prox="l1", params={"lam": 0.1}, inplace=True)
 
     def op_step(y, g, x, p):
-        torch.ops.torch_l2o.fused_prox_step(x, y, g, None, p, None, 0.5, 0.25, 1, 0.1, 0.0, -math.inf, math.inf)
+        torch.ops.torch_l2o.fused_prox_step(x, y, g, None, p, None, 0.5, 0.25, KERNEL_CODES["l1"], [0.1])
         return x, y
 
     gen = torch.Generator().manual_seed(0)

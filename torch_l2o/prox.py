@@ -9,8 +9,8 @@ entry gives
   coordinate, or per instance such as ``(B, 1)`` for a ``(B, n)`` iterate);
 * ``value(x, **params)``: ``r(x)`` summed over the whole tensor (``inf`` outside
   the domain of an indicator);
-* ``kernel``: the code of the entry in the fused Triton kernel, or ``None`` when
-  only the PyTorch reference path serves it.
+* ``kernel``: the code of the entry in the fused Triton kernel (its position in
+  :data:`KERNEL_PROX`), or ``None`` when only the PyTorch reference path serves it.
 
 Users add their own with :func:`register_prox`.
 """
@@ -20,6 +20,7 @@ from __future__ import annotations
 import inspect
 import math
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any, Callable, Mapping
 
 import torch
@@ -33,15 +34,21 @@ __all__ = [
     "prox_value",
 ]
 
-# Codes understood by the fused kernel (torch_l2o.kernels). Fixed: they are
-# compile-time constants of the kernel.
-KERNEL_NONE = 0
-KERNEL_L1 = 1
-KERNEL_NONNEG = 2
-KERNEL_NONNEG_L1 = 3
-KERNEL_ELASTIC_NET = 4
-KERNEL_L2SQ = 5
-KERNEL_BOX = 6
+# The prox terms the fused kernel (torch_l2o.kernels) implements: name -> the
+# strengths it reads, in the order of the kernel's strength slots. Declared once
+# here: an entry's code is its position, and the built-ins' ``ProxSpec.kernel``,
+# the kernel's branch codes and the op's strength slots all derive from this table.
+KERNEL_PROX: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "none": (),
+    "l1": ("lam",),
+    "nonneg": (),
+    "nonneg_l1": ("lam",),
+    "elastic_net": ("lam", "lam2"),
+    "l2sq": ("lam",),
+    "box": ("lo", "hi"),
+})
+KERNEL_CODES: Mapping[str, int] = MappingProxyType({name: code for code, name in enumerate(KERNEL_PROX)})
+KERNEL_SLOTS = max(map(len, KERNEL_PROX.values()))  # strength arguments of the kernel
 
 
 @dataclass(frozen=True)
@@ -155,7 +162,12 @@ def register_prox(
     return spec
 
 
-def _builtin(name: str, defaults: dict, kernel: int | None, validate=None):
+def _builtin(name: str, defaults: dict, validate=None):
+    kernel = KERNEL_CODES.get(name)
+    # The kernel reads exactly its declared strengths: an undeclared one would be ignored.
+    if kernel is not None and set(KERNEL_PROX[name]) != set(defaults):
+        raise ValueError(f"KERNEL_PROX[{name!r}] is {KERNEL_PROX[name]}, the prox takes {tuple(defaults)}")
+
     def deco(cls):
         spec = ProxSpec(name, cls.prox, cls.value, defaults, kernel, validate, True, cls.__doc__ or "")
         _REGISTRY[name] = spec
@@ -236,7 +248,7 @@ def soft_threshold(z: Tensor, thr: float | Tensor) -> Tensor:
 # ---------------------------------------------------------------- built-ins
 
 
-@_builtin("none", {}, KERNEL_NONE)
+@_builtin("none", {})
 class _NoProx:
     """r = 0: plain gradient steps."""
 
@@ -249,7 +261,7 @@ class _NoProx:
         return x.new_zeros(x.shape[:batch_dims])
 
 
-@_builtin("l1", {"lam": 0.0}, KERNEL_L1, _check_lam)
+@_builtin("l1", {"lam": 0.0}, _check_lam)
 class _L1:
     """r(x) = lam * |x|_1; prox: soft-thresholding at t * lam."""
 
@@ -262,7 +274,7 @@ class _L1:
         return lam * _sum_trailing(x.abs(), batch_dims)
 
 
-@_builtin("nonneg", {}, KERNEL_NONNEG)
+@_builtin("nonneg", {})
 class _NonNeg:
     """r = indicator of x >= 0; prox: max(z, 0)."""
 
@@ -275,7 +287,7 @@ class _NonNeg:
         return _indicator(x >= 0, x, batch_dims)
 
 
-@_builtin("nonneg_l1", {"lam": 0.0}, KERNEL_NONNEG_L1, _check_lam)
+@_builtin("nonneg_l1", {"lam": 0.0}, _check_lam)
 class _NonNegL1:
     """r(x) = lam * sum(x) + indicator(x >= 0); prox: max(z - t * lam, 0)."""
 
@@ -288,7 +300,7 @@ class _NonNegL1:
         return lam * _sum_trailing(x, batch_dims) + _indicator(x >= 0, x, batch_dims)
 
 
-@_builtin("elastic_net", {"lam": 0.0, "lam2": 0.0}, KERNEL_ELASTIC_NET, _check_elastic)
+@_builtin("elastic_net", {"lam": 0.0, "lam2": 0.0}, _check_elastic)
 class _ElasticNet:
     """r(x) = lam * |x|_1 + lam2 / 2 * |x|^2; prox: soft(z, t * lam) / (1 + t * lam2)."""
 
@@ -301,7 +313,7 @@ class _ElasticNet:
         return lam * _sum_trailing(x.abs(), batch_dims) + 0.5 * lam2 * _sum_trailing(x * x, batch_dims)
 
 
-@_builtin("l2sq", {"lam": 0.0}, KERNEL_L2SQ, _check_lam)
+@_builtin("l2sq", {"lam": 0.0}, _check_lam)
 class _L2Sq:
     """r(x) = lam / 2 * |x|^2 (ridge); prox: z / (1 + t * lam)."""
 
@@ -314,7 +326,7 @@ class _L2Sq:
         return 0.5 * lam * _sum_trailing(x * x, batch_dims)
 
 
-@_builtin("box", {"lo": -math.inf, "hi": math.inf}, KERNEL_BOX, _check_box)
+@_builtin("box", {"lo": -math.inf, "hi": math.inf}, _check_box)
 class _Box:
     """r = indicator of lo <= x <= hi; prox: clamp(z, lo, hi)."""
 
@@ -330,7 +342,7 @@ class _Box:
         return _indicator((x >= lo) & (x <= hi), x, batch_dims)
 
 
-@_builtin("group_l1", {"lam": 0.0, "dim": -1}, None, _check_group)
+@_builtin("group_l1", {"lam": 0.0, "dim": -1}, _check_group)
 class _GroupL1:
     """r(x) = lam * sum over groups of |x_g|_2, a group being a slice along ``dim``.
 
@@ -371,7 +383,7 @@ class _GroupL1:
         return lam * _sum_trailing(torch.linalg.vector_norm(x, dim=dim, keepdim=True), batch_dims)
 
 
-@_builtin("nuclear", {"lam": 0.0}, None, _check_lam)
+@_builtin("nuclear", {"lam": 0.0}, _check_lam)
 class _Nuclear:
     """r(X) = lam * sum of singular values of each matrix (the last two dims).
 
@@ -412,7 +424,7 @@ def _check_simplex(params: dict) -> None:
         raise ValueError("simplex radius must be > 0")
 
 
-@_builtin("simplex", {"dim": -1, "radius": 1.0}, None, _check_simplex)
+@_builtin("simplex", {"dim": -1, "radius": 1.0}, _check_simplex)
 class _Simplex:
     """r = indicator of the simplex {x >= 0, sum x = radius} along ``dim`` (mixture weights).
 

@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from ..prox import get_prox
+from ..prox import KERNEL_PROX, get_prox
 from .reference import compute_dtype, prox_grad_step_reference, step_size
 from .triton_step import HAVE_TRITON, KERNEL_DTYPES, broadcast_divisor, interpret_mode, launch
 
@@ -34,28 +34,30 @@ __all__ = [
     "interpret_mode",
 ]
 
-_KIND_NAMES = {0: "none", 1: "l1", 2: "nonneg", 3: "nonneg_l1", 4: "elastic_net", 5: "l2sq", 6: "box"}
-_KIND_PARAMS = {
-    "none": (), "l1": ("lam",), "nonneg": (), "nonneg_l1": ("lam",),
-    "elastic_net": ("lam", "lam2"), "l2sq": ("lam",), "box": ("lo", "hi"),
-}
+_KERNEL_NAMES = tuple(KERNEL_PROX)  # code -> name
 
 
 def _fused_prox_step(
     x: Tensor, y: Tensor, g: Tensor,
     lr: Optional[Tensor], p: Optional[Tensor], a: Optional[Tensor],
-    t_scale: float, a_scale: float, kind: int,
-    lam: float, lam2: float, lo: float, hi: float,
+    t_scale: float, a_scale: float, kind: int, strengths: list[float],
 ) -> None:
-    """In place on ``x`` and ``y``; ``t = [lr] * t_scale * [p]``, ``a = [a] or a_scale``."""
+    """In place on ``x`` and ``y``; ``t = [lr] * t_scale * [p]``, ``a = [a] or a_scale``.
+
+    ``kind`` is a code of :data:`~torch_l2o.prox.KERNEL_PROX` and ``strengths`` the
+    values of that entry's strengths, in the order the table gives.
+    """
+    if not 0 <= kind < len(_KERNEL_NAMES):
+        raise ValueError(f"unknown kernel prox code {kind}; the codes are 0..{len(_KERNEL_NAMES) - 1}")
+    name = _KERNEL_NAMES[kind]
+    if len(strengths) != len(KERNEL_PROX[name]):
+        raise ValueError(f"prox {name!r} takes strengths {KERNEL_PROX[name]}, got {len(strengths)} values")
     # Triton's CPU interpreter needs real data: under tracing CPU tensors take the reference.
     runnable = y.is_cuda or (interpret_mode() and not is_fake(y))
     if HAVE_TRITON and runnable and y.dtype in KERNEL_DTYPES:
-        launch(x, y, g, lr, p, a, t_scale, a_scale, kind, lam, lam2, lo, hi, wrap=_wrap)
+        launch(x, y, g, lr, p, a, t_scale, a_scale, kind, strengths, wrap=_wrap)
         return
-    name = _KIND_NAMES[kind]
-    allp = {"lam": lam, "lam2": lam2, "lo": lo, "hi": hi}
-    params = {k: allp[k] for k in _KIND_PARAMS[name]}
+    params = dict(zip(KERNEL_PROX[name], strengths))
     lr_op = lr if lr is not None else t_scale
     p_op = p if p is not None else (t_scale if lr is not None else 1.0)
     _reference_inplace(y, g, x, lr_op, p_op, a if a is not None else a_scale, name, params)
@@ -182,10 +184,9 @@ def prox_grad_step(
         spec = get_prox(prox)
         lr_t, p_t, scale = _split(lr, p)
         a_t = a if isinstance(a, Tensor) else None
+        strengths = [float(params.get(k, spec.defaults[k])) for k in KERNEL_PROX[_KERNEL_NAMES[spec.kernel]]]
         fused_prox_step_op(
-            x, y, g, lr_t, p_t, a_t, scale, 0.0 if a_t is not None else float(a), spec.kernel,
-            float(params.get("lam", 0.0)), float(params.get("lam2", 0.0)),
-            float(params.get("lo", -float("inf"))), float(params.get("hi", float("inf"))),
+            x, y, g, lr_t, p_t, a_t, scale, 0.0 if a_t is not None else float(a), spec.kernel, strengths,
         )
         return x, y
     if backend == "compile" or (backend == "auto" and not y.is_cuda and _CPU_BACKEND == "compile"):

@@ -5,6 +5,8 @@ per-instance tensors ``lr, p, a``) once and writes ``x, y`` once, computing in
 float32 whatever the storage (float32, bfloat16, float16). Step sizes and
 strengths are runtime arguments, so changing them never recompiles; the prox kind
 and which operands are tensors are compile-time constants (a handful of variants).
+The prox kinds, their codes and their strength slots are those of
+:data:`torch_l2o.prox.KERNEL_PROX`.
 
 Runs on CUDA devices, and on the CPU under ``TRITON_INTERPRET=1`` (tests).
 """
@@ -16,6 +18,8 @@ import os
 
 import torch
 from torch import Tensor
+
+from ..prox import KERNEL_CODES, KERNEL_SLOTS
 
 try:  # triton is optional: CPU-only installs use the PyTorch reference
     import triton
@@ -37,12 +41,17 @@ def interpret_mode() -> bool:
 
 
 if HAVE_TRITON:
+    # The branch codes, from the table; a @triton.jit function reads only constexpr globals.
+    L1, NONNEG, NONNEG_L1, ELASTIC_NET, L2SQ, BOX = (
+        tl.constexpr(KERNEL_CODES[name]) for name in ("l1", "nonneg", "nonneg_l1", "elastic_net", "l2sq", "box")
+    )
 
+    # s0, s1 are the KERNEL_SLOTS strength slots: PROX's strengths in its table order.
     @triton.jit
     def _fused_prox_step_kernel(
         x_ptr, y_ptr, g_ptr, lr_ptr, p_ptr, a_ptr,
         n_elements, lr_div, p_div, a_div,
-        t_scale, a_scale, lam, lam2, lo, hi,
+        t_scale, a_scale, s0, s1,
         HAS_LR: tl.constexpr, HAS_P: tl.constexpr, HAS_A: tl.constexpr,
         PROX: tl.constexpr, BLOCK: tl.constexpr,
     ):
@@ -67,23 +76,23 @@ if HAVE_TRITON:
 
         z = y - t * g
         # `z * 0.0` rather than 0.0 where the prox is zero, so NaN propagates as in torch
-        if PROX == 1:  # l1: soft-thresholding
-            thr = t * lam
+        if PROX == L1:  # soft-thresholding; lam
+            thr = t * s0
             xn = tl.where(z > thr, z - thr, tl.where(z < -thr, z + thr, z * 0.0))
-        elif PROX == 2:  # nonneg
+        elif PROX == NONNEG:
             xn = tl.where(z < 0.0, 0.0, z)
-        elif PROX == 3:  # nonneg_l1
-            w = z - t * lam
+        elif PROX == NONNEG_L1:  # lam
+            w = z - t * s0
             xn = tl.where(w < 0.0, 0.0, w)
-        elif PROX == 4:  # elastic_net
-            thr = t * lam
+        elif PROX == ELASTIC_NET:  # lam, lam2
+            thr = t * s0
             s = tl.where(z > thr, z - thr, tl.where(z < -thr, z + thr, z * 0.0))
-            xn = s / (1 + t * lam2)
-        elif PROX == 5:  # l2sq
-            xn = z / (1 + t * lam)
-        elif PROX == 6:  # box
-            w = tl.where(z < lo, lo, z)
-            xn = tl.where(w > hi, hi, w)
+            xn = s / (1 + t * s1)
+        elif PROX == L2SQ:  # lam
+            xn = z / (1 + t * s0)
+        elif PROX == BOX:  # lo, hi
+            w = tl.where(z < s0, s0, z)
+            xn = tl.where(w > s1, s1, w)
         else:  # none
             xn = z
         yn = xn + a * (xn - x)
@@ -117,22 +126,26 @@ def broadcast_divisor(v: Tensor, like: Tensor) -> int | None:
 def launch(
     x: Tensor, y: Tensor, g: Tensor,
     lr: Tensor | None, p: Tensor | None, a: Tensor | None,
-    t_scale: float, a_scale: float, kind: int,
-    lam: float, lam2: float, lo: float, hi: float,
+    t_scale: float, a_scale: float, kind: int, strengths: list[float],
     wrap=None,
 ) -> None:
-    """Launch the kernel (``wrap`` is ``torch.library.wrap_triton`` inside the op)."""
+    """Launch the kernel (``wrap`` is ``torch.library.wrap_triton`` inside the op).
+
+    ``kind`` is a code of KERNEL_PROX and ``strengths`` its entry's strengths, in order.
+    """
     n = y.numel()
     if n == 0:
         return
     divs = [broadcast_divisor(v, y) if v is not None else 1 for v in (lr, p, a)]
     kernel = _fused_prox_step_kernel if wrap is None else wrap(_fused_prox_step_kernel)
     grid = (triton.cdiv(n, BLOCK),)
+    # Unused slots are 0; a table that outgrows the kernel's two slots fails here.
+    s0, s1 = [float(v) for v in strengths] + [0.0] * (KERNEL_SLOTS - len(strengths))
     kernel[grid](
         x, y, g,
         lr if lr is not None else y, p if p is not None else y, a if a is not None else y,
         n, divs[0], divs[1], divs[2],
-        float(t_scale), float(a_scale), float(lam), float(lam2), float(lo), float(hi),
+        float(t_scale), float(a_scale), s0, s1,
         HAS_LR=lr is not None, HAS_P=p is not None, HAS_A=a is not None,
         PROX=kind, BLOCK=BLOCK,
     )
