@@ -13,12 +13,14 @@ import math
 import os
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
 
 from torch_l2o.problems import Problem, mean_relative_error
+from torch_l2o.registry import available_architectures, get_architecture
+from torch_l2o.weights import available_weights
 
 TARGETS = (1e-2, 1e-4, 1e-6)
 
@@ -51,6 +53,15 @@ class Trace:
         out["iters"] = len(self.errors) - 1
         out.update(self.extra)
         return out
+
+
+def shipped(weights: str, archs=None) -> list[tuple[str, str, type]]:
+    """``(display name, architecture, optimizer class)`` of the architectures (default:
+    every registered one trained on the family ``weights``) whose ``weights`` are shipped."""
+    archs = archs if archs is not None else [a for a in available_architectures()
+                                             if weights in get_architecture(a).families]
+    return [(get_architecture(a).display_name, a, get_architecture(a).optimizer) for a in archs
+            if weights in available_weights(a)]
 
 
 def sync(device) -> None:

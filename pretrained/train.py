@@ -30,10 +30,15 @@ if __package__ in (None, ""):  # run as a script from a checkout
     sys.path.insert(0, str(HERE.parent))
 
 import torch_l2o  # noqa: E402
+from torch_l2o.baselines import soft_impute  # noqa: E402
+from torch_l2o.meta import rollout  # noqa: E402
 from torch_l2o.problems import (GaussianMixture, Lasso, LeastSquares, LogisticL1, MatrixCompletion,  # noqa: E402
                                 MLPFamily, mean_relative_error, reference_solve)
-from torch_l2o.weights import ARCH_NAMES, build_network, save_weights  # noqa: E402
+from torch_l2o.registry import available_architectures, get_architecture  # noqa: E402
+from torch_l2o.weights import build_network, save_weights  # noqa: E402
 
+# The families the shipped weights train on, and what each trains on (from the registry:
+# every architecture lists its families).
 FAMILIES = {
     "lasso": lambda: Lasso(m=250, n=500, sparsity=50, lam=0.1),
     "logistic": lambda: LogisticL1(N=1000, n=50, sparsity=20, lam=0.1),
@@ -42,32 +47,21 @@ FAMILIES = {
     "gmm": lambda: GaussianMixture(K=4, D=2, G=500),
     "qp": lambda: LeastSquares(m=400, n=512),
 }
-ARCHS = {"lasso": ["pa", "pagru", "pamr", "l2odm", "rnnprop"],
-         "logistic": ["pa", "pagru", "pamr", "l2odm", "rnnprop"],
-         "mlp": ["l2odm", "rnnprop"], "mc": ["gso"], "gmm": ["gso"], "qp": ["mathgd"]}
+COMPOSITE = ("lasso", "logistic")
 # Training settings: the MS4L2O protocol (horizon 100 in segments of 20, fresh batches,
 # Adam, clipping) scaled to a 2-core CPU: batch 32 and 300 steps instead of 64 and 500,
-# and the scale-free log-objective meta-loss (see torch_l2o.meta_train).
+# and the scale-free log-objective meta-loss (see torch_l2o.meta_train). An architecture's
+# registered `training` settings override these (GSO, Math-L2O: their papers' protocols).
 TRAIN = dict(steps=300, batch=32, horizon=100, unroll=20, loss="log", lr=3e-3, clip=1.0,
              val_every=20, val_batch=128)
 # Small MLPs (L2O-DM, RNNProp papers): 1,510 weights per network, so batch 8 (12k coordinates,
 # fewer than LASSO's 32 x 500 = 16k) and 150 steps keep a run near 15 CPU minutes.
-TRAIN_MLP = dict(TRAIN, steps=150, batch=8, val_batch=32)
-# GSO (seed 003, Algorithm 2): horizon and unroll count rounds (T and t_u), each round
-# t_l = 10 learned steps per block; T = 50 rounds per batch instead of 100 to fit a CPU.
-TRAIN_BLOCKS = dict(steps=100, batch=8, horizon=50, unroll=10, inner_steps=10, loss="log", lr=3e-3, clip=1.0,
-                    val_every=10, val_batch=16)
-# Math-L2O (seed 004): SGD on the last-step objective, full backpropagation through T = 100
-# steps, batch 10, 400 x 512 problems, e = 100. H = 512 instead of 5120: storing H
-# activations per coordinate for 100 steps takes 10 GB at H = 5120.
-TRAIN_QP = dict(steps=300, batch=10, horizon=100, unroll=100, loss="last", meta_optimizer="sgd", lr=1e-5, clip=None,
-                val_every=20, val_batch=32)
-QP_NET = dict(hidden=512, init_scale=100.0)
+FAMILY_TRAIN = {"mlp": dict(steps=150, batch=8, val_batch=32)}
 EVAL = dict(instances=256, iters=1000, seed=12345)
-CLASSES = {"pa": torch_l2o.PA, "pagru": torch_l2o.PAGRU, "pamr": torch_l2o.PAMR,
-           "l2odm": torch_l2o.L2ODM, "rnnprop": torch_l2o.RNNProp, "gso": torch_l2o.GSO,
-           "mathgd": torch_l2o.MathGD}
-PA_FAMILY = ("pa", "pagru", "pamr")
+
+
+def archs_of(family_name):
+    return [a for a in available_architectures() if family_name in get_architecture(a).families]
 
 
 def _trace(problem, make, iters, composite=False, metric=None):
@@ -104,9 +98,10 @@ def evaluate_composite(arch, net_sd, config, family_name, family):
         v = float(mean_relative_error(prob64.objective(x.double()), F_star))
         return v if math.isfinite(v) else float("inf")
 
-    cls = CLASSES[arch]
+    spec = get_architecture(arch)
+    cls = spec.optimizer
     runs = {"fista": _trace(prob, lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s), EVAL["iters"], metric=metric)}
-    if arch in PA_FAMILY:
+    if spec.applies_prox:
         runs["learned"] = _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd,
                                                          instance_dims=1, **config), EVAL["iters"], metric=metric)
         runs["learned_lr_none"] = _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, weights=net_sd, instance_dims=1,
@@ -135,18 +130,21 @@ def _ratio(fista, learned):
     return fista / max(learned, 1)
 
 
+LASSO_TARGETS = ("pa", "pamr")  # the architectures the LASSO targets were set for
+
+
 def _targets(arch, family_name, figs):
     """The issue's targets, met or missed, with the figures behind them."""
     f, l = figs["fista"], figs["learned"]
     out = {}
     stall_ok = l["worst_ratio_to_fista_after_100"] <= 1.0 and not l["diverged"]
-    if family_name == "lasso" and arch in ("pa", "pamr"):
+    if family_name == "lasso" and arch in LASSO_TARGETS:
         r4 = _ratio(f["iterations_to_1e-04"], l["iterations_to_1e-04"])
         r6 = _ratio(f["iterations_to_1e-06"], l["iterations_to_1e-06"])
         out["2x fewer iterations than FISTA to 1e-4"] = {"ratio": r4, "met": bool(r4 and r4 >= 2)}
         out["3x fewer iterations than FISTA to 1e-6"] = {"ratio": r6, "met": bool(r6 and r6 >= 3)}
         out["no divergence or stall above FISTA to 1000 iterations"] = {"met": stall_ok}
-    if family_name == "logistic" and arch in PA_FAMILY:
+    if family_name == "logistic" and get_architecture(arch).extrapolates:
         r6 = _ratio(f["iterations_to_1e-06"], l["iterations_to_1e-06"])
         out["2x fewer iterations than FISTA to 1e-6"] = {"ratio": r6, "met": bool(r6 and r6 >= 2)}
     return out
@@ -161,25 +159,21 @@ def evaluate_mlp(arch, net_sd, config, family):
     for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
         adam[lr] = _trace(prob, lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr), iters, metric=metric)
     best_lr = min(adam, key=lambda lr: adam[lr][100])
-    learned = _trace(prob, lambda ps: CLASSES[arch](ps, weights=net_sd, **config), iters, metric=metric)
+    learned = _trace(prob, lambda ps: get_architecture(arch).optimizer(ps, weights=net_sd, **config), iters,
+                     metric=metric)
     sgd = _trace(prob, lambda ps: torch.optim.SGD(ps, lr=1.0), iters, metric=metric)
     pick = lambda tr: {f"loss_at_{k}": tr[k] for k in (20, 100, 300)}  # noqa: E731
     return {"learned": pick(learned), f"adam_lr_{best_lr:g}": pick(adam[best_lr]), "sgd_lr_1": pick(sgd),
             "diverged": not all(math.isfinite(v) for v in learned)}
 
 
-def evaluate_blocks(family_name, net_sd, config, family):
+def evaluate_blocks(arch, family_name, net_sd, config, family):
     """Figures for a GSO card: 32 held instances, 100 rounds, against the classical solvers."""
-    from torch_l2o.meta import rollout_blocks
-    from torch_l2o.nets import GSONet
-
     prob64 = family.sample(32, generator=torch.Generator().manual_seed(EVAL["seed"]), dtype=torch.float64)
     prob = prob64.to(torch.float32)
-    net = GSONet(**config)
-    net.load_state_dict(net_sd)
-    net.eval()
+    net, _ = build_network(arch, net_sd, **config)
     with torch.no_grad():
-        F, carry = rollout_blocks(net, prob, None, 100, inner_steps=10)
+        F, carry = rollout(arch, net, prob, None, 100, inner_steps=10)
     xs = carry["xs"]
     figs = {"instances": 32, "rounds": 100,
             "objective_after_rounds": {r: float(F[r - 1].mean()) for r in (10, 50, 100)}}
@@ -187,7 +181,7 @@ def evaluate_blocks(family_name, net_sd, config, family):
         # the mean hides a split between recovered matrices and bad local minima: report both
         rmse = {"GSO": prob64.metric(*[x.double() for x in xs]), "ALS, ridge 0.1": prob64.metric(*prob64.als(0.1)),
                 "ALS, ridge 1e-3 (the paper's)": prob64.metric(*prob64.als(1e-3)),
-                "soft-impute, tau 0.3": prob64.rmse(prob64.soft_impute(0.3))}
+                "soft-impute, tau 0.3": prob64.rmse(soft_impute(prob64, 0.3))}
         figs["rmse"] = {k: float(v.mean()) for k, v in rmse.items()}
         figs["rmse_median"] = {k: float(v.median()) for k, v in rmse.items()}
         figs["recovered_rmse_below_0.1"] = {k: int((v < 0.1).sum()) for k, v in rmse.items()}
@@ -200,14 +194,15 @@ def evaluate_blocks(family_name, net_sd, config, family):
     return figs
 
 
-def evaluate_qp(net_sd, config, family):
+def evaluate_qp(arch, net_sd, config, family):
     """Figures for a Math-L2O card: objective at T = 100 against GD, Nesterov and Adam."""
     prob = family.sample(64, generator=torch.Generator().manual_seed(EVAL["seed"]))
     s = prob.step_size()
     metric = lambda x: float(prob.smooth(x).mean())  # noqa: E731
     runs = {"gd": _trace(prob, lambda ps: torch_l2o.ISTA(ps, lr=s), 100, metric=metric),
             "nesterov": _trace(prob, lambda ps: torch_l2o.FISTA(ps, lr=s), 100, metric=metric),
-            "learned": _trace(prob, lambda ps: torch_l2o.MathGD(ps, lr=s, weights=net_sd, **config), 100, metric=metric)}
+            "learned": _trace(prob, lambda ps: get_architecture(arch).optimizer(ps, lr=s, weights=net_sd, **config), 100,
+                              metric=metric)}
     for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1):
         runs[f"adam_lr_{lr:g}"] = _trace(prob, lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr), 100, metric=metric)
     best_adam = min((k for k in runs if k.startswith("adam")), key=lambda k: runs[k][100])
@@ -218,7 +213,7 @@ def evaluate_qp(net_sd, config, family):
                         {"gain": (gd - runs["learned"][100]) / gd, "met": (gd - runs["learned"][100]) / gd > 0.5}}}
 
 
-VARIANTS = {"coordinates": {"attend": "coordinates"}}  # PA-MR attending across coordinates (the ablation)
+VARIANTS = {"coordinates": ("pamr", {"attend": "coordinates"})}  # PA-MR attending across coordinates (the ablation)
 
 
 SELECT = dict(instances=512, iters=300, seed=4242)
@@ -234,7 +229,7 @@ def select(arch, candidates, config, family):
     F_star = reference_solve(prob64).F
     prob = prob64.to(torch.float32)
     lam = prob.prox_params["lam"]
-    cls = CLASSES[arch]
+    cls = get_architecture(arch).optimizer
     report = {}
     for name, sd in candidates.items():
         x = prob.x0().requires_grad_(True)
@@ -259,14 +254,15 @@ def train_one(arch, family_name, args):
     out = Path(args.out) / f"{arch}-{name}.safetensors"
     ck_dir = Path(args.checkpoints)
     ck_dir.mkdir(parents=True, exist_ok=True)
-    base = (TRAIN_BLOCKS if arch == "gso" else TRAIN_QP if arch == "mathgd"
-            else TRAIN_MLP if family_name == "mlp" else TRAIN)
+    spec = get_architecture(arch)
+    base = {**TRAIN, **FAMILY_TRAIN.get(family_name, {}), **spec.training}
     settings = {**base, "steps": args.steps or base["steps"], "seed": args.seed}
-    options = dict(QP_NET) if arch == "mathgd" else {}
+    options = dict(spec.network_options)
     if args.variant:
-        if arch != "pamr":
-            raise SystemExit(f"--variant {args.variant} applies to pamr only")
-        options.update(VARIANTS[args.variant])
+        variant_arch, variant_options = VARIANTS[args.variant]
+        if arch != variant_arch:
+            raise SystemExit(f"--variant {args.variant} applies to {variant_arch} only")
+        options.update(variant_options)
     if args.card_only:
         net, info = build_network(arch, str(out))
         best, hist_d, seconds = net.state_dict(), (info["card"] or {}).get("training_history", {}), None
@@ -279,7 +275,7 @@ def train_one(arch, family_name, args):
         best, hist = torch_l2o.meta_train(arch, family, checkpoint=str(ck), resume=str(ck),
                                            checkpoint_every=10, **settings, **options)
         selection = None
-        if arch in PA_FAMILY and family_name in ("lasso", "logistic"):
+        if spec.extrapolates and family_name in COMPOSITE:
             final = torch.load(ck, weights_only=True)["net"]
             cfg = build_network(arch, best, **options)[0].config()
             chosen, selection = select(arch, {f"best validated (step {hist.best_step})": best,
@@ -294,19 +290,17 @@ def train_one(arch, family_name, args):
     t0 = time.perf_counter()
     if family_name == "mlp":
         figures = evaluate_mlp(arch, sd, config, family)
-    elif arch == "gso":
-        figures = evaluate_blocks(family_name, sd, config, family)
-    elif arch == "mathgd":
-        figures = evaluate_qp(sd, config, family)
+    elif family_name in ("mc", "gmm"):
+        figures = evaluate_blocks(arch, family_name, sd, config, family)
+    elif family_name == "qp":
+        figures = evaluate_qp(arch, sd, config, family)
     else:
         figures = evaluate_composite(arch, sd, config, family_name, family)
     card = {
         "family": family_name, "family_settings": dict(family.__dict__),
         "training": settings,
         "selection": hist_d.get("selection") if isinstance(hist_d, dict) else None,
-        "meta_loss": {"gso": "mean over a segment's rounds and instances of log F after each round",
-                      "mathgd": "batch-mean F at the last of T = 100 steps, full backpropagation"}.get(
-                          arch, "mean over a segment's iterations and instances of log F(x_k)"),
+        "meta_loss": _meta_loss_text(settings, family_name),
         "training_cpu_seconds": seconds,
         "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}, threads {torch.get_num_threads()}",
         "validation": {"instances": figures.pop("instances", EVAL["instances"]), "seed": EVAL["seed"], "float": "float32 iterates, float64 F*",
@@ -320,10 +314,18 @@ def train_one(arch, family_name, args):
     print(json.dumps({"file": str(out), "figures": figures}, indent=1))
 
 
+def _meta_loss_text(settings, family_name):
+    if settings["loss"] == "last":
+        return f"batch-mean F at the last of T = {settings['horizon']} steps, full backpropagation"
+    if family_name in ("mc", "gmm"):
+        return "mean over a segment's rounds and instances of log F after each round"
+    return "mean over a segment's iterations and instances of log F(x_k)"
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", nargs="+", default=["lasso"], help="lasso, logistic, mlp, mc, gmm, qp or all")
-    ap.add_argument("--arch", nargs="+", default=["all"], help=f"{', '.join(CLASSES)} or all")
+    ap.add_argument("--arch", nargs="+", default=["all"], help=f"{', '.join(available_architectures())} or all")
     ap.add_argument("--steps", type=int, help=f"meta-training steps (default {TRAIN['steps']})")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=str(HERE))
@@ -332,10 +334,22 @@ def main(argv=None):
     ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates)")
     args = ap.parse_args(argv)
     families = list(FAMILIES) if "all" in args.family else args.family
+    unknown = [f for f in families if f not in FAMILIES]
+    if unknown:
+        ap.error(f"unknown family {', '.join(unknown)}; known: {', '.join(FAMILIES)} or all")
+    if "all" not in args.arch:
+        for a in args.arch:
+            try:
+                get_architecture(a)
+            except ValueError as e:
+                ap.error(str(e))
+            if not any(f in get_architecture(a).families for f in families):
+                ap.error(f"{a} is not trained on {', '.join(families)}; its families: "
+                         f"{', '.join(get_architecture(a).families) or 'none'}")
     for fam in families:
-        archs = ARCHS[fam] if "all" in args.arch else [a for a in args.arch if a in ARCHS[fam]]
+        archs = archs_of(fam) if "all" in args.arch else [a for a in args.arch if a in archs_of(fam)]
         for arch in archs:
-            print(f"== {ARCH_NAMES[arch]} on {fam}", flush=True)
+            print(f"== {get_architecture(arch).display_name} on {fam}", flush=True)
             train_one(arch, fam, args)
 
 

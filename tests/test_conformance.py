@@ -10,6 +10,7 @@ import torch
 
 import torch_l2o
 from torch_l2o.optim.functional import pa_update
+from torch_l2o.registry import available_architectures, get_architecture
 from torch_l2o.problems import Lasso
 
 LAM = 0.1
@@ -197,25 +198,111 @@ def test_pa_with_p1_a0_is_ista(prob):
         assert torch.equal(pa.solution(x), z.detach())
 
 
-@pytest.mark.parametrize("cls,opts", [(torch_l2o.PA, {}), (torch_l2o.PAGRU, {}), (torch_l2o.PAMR, {"window": 3})])
-def test_functional_update_equals_step(prob, cls, opts):
-    """The class's in-place step and the pure, out-of-place function agree to the last bit."""
+# per architecture: options for a small or non-trivial network (MathGD's untrained one is plain GD)
+ARCH_OPTIONS = {"pamr": {"window": 3}, "gso": {"blocks": 1}, "mathgd": {"hidden": 16}}
+
+
+def _arch_optimizer(arch, params, lr):
+    """The registered optimizer of ``arch`` on LASSO: with the prox where it applies one."""
+    spec = get_architecture(arch)
+    weights = _mathgd_weights() if arch == "mathgd" else "untrained"
+    kw = dict(prox="l1", lam=LAM) if spec.applies_prox else {}
+    return spec.optimizer(params, lr=lr if spec.lr_is_step else 0.5, weights=weights, **kw, **ARCH_OPTIONS.get(arch, {}))
+
+
+def _grad(prob, y, composite):
+    yr = y.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(_loss(prob, yr, composite).sum(), yr)  # as the optimizer's user computes it
+    return g
+
+
+@pytest.mark.parametrize("arch", available_architectures())
+def test_functional_update_equals_step(prob, arch):
+    """The class's in-place step and the registered pure, out-of-place update agree to the
+    last bit, for every architecture (the one update rule step() and meta_train share)."""
+    spec = get_architecture(arch)
     s = prob.step_size()
     x = prob.x0().requires_grad_(True)
-    opt = cls([x], prox="l1", lam=LAM, lr=s, weights="untrained", **opts)
+    opt = _arch_optimizer(arch, [x], s)
+    net = opt.net.block(0)
     y_f = prob.x0()
     x_f = y_f.clone()
-    state = opt.net.init_state(y_f.numel())
-    for _ in range(6):
+    state = net.init_state(y_f.numel())
+    prox, params = ("l1", {"lam": LAM}) if spec.applies_prox else ("none", {})
+    for k in range(6):
         opt.zero_grad()
-        prob.smooth(x).sum().backward()
+        _loss(prob, x, not spec.applies_prox).sum().backward()
         opt.step()
-        yr = y_f.clone().requires_grad_(True)
-        (g,) = torch.autograd.grad(prob.smooth(yr).sum(), yr)  # as the optimizer's user computes it
+        g = _grad(prob, y_f, not spec.applies_prox)
         with torch.no_grad():  # as step() runs it (PyTorch's CPU LSTM picks another kernel with grad)
-            x_f, y_f, state = pa_update(opt.net, state, y_f, g, x_f, lr=s, prox="l1", params={"lam": LAM})
+            xs, ys, state = spec.update(net, state, [y_f], [g], [x_f if spec.extrapolates else y_f],
+                                        lr=s if spec.lr_is_step else 0.5, prox=prox, params=params, step=k)
+        x_f, y_f = xs[0], ys[0]
         assert torch.equal(opt.solution(x), x_f) and torch.equal(x.detach(), y_f)
-        assert all(torch.equal(opt.state[x][k], v) for k, v in state.items())
+        assert all(torch.equal(opt.state[x][key], v) for key, v in state.items())
+
+
+@pytest.mark.parametrize("arch", available_architectures())
+def test_a_group_of_tensors_is_one_network_call(arch):
+    """A param group's tensors run as one batch: the network is called once per step, and
+    the iterates match those of the update on the tensors' concatenation, bit for bit."""
+    spec = get_architecture(arch)
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(7, 3), (5,), (2, 2, 2)]
+    ps = [torch.randn(sh, generator=gen).requires_grad_(True) for sh in shapes]
+    opt = _arch_optimizer(arch, ps, 0.05)
+    net = opt._net_on(torch.device("cpu")).block(0)
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    flat = torch.cat([p.detach().reshape(-1) for p in ps]).unsqueeze(0)
+    fx = flat.clone()
+    state = net.init_state(flat.numel())
+    prox, params = ("l1", {"lam": LAM}) if spec.applies_prox else ("none", {})
+    for k in range(4):
+        gs = [torch.randn(sh, generator=gen) for sh in shapes]
+        for p, g in zip(ps, gs):
+            p.grad = g
+        opt.step()
+        assert len(calls) == 1  # one network call for the three tensors
+        calls.clear()
+        g = torch.cat([g.reshape(-1) for g in gs]).unsqueeze(0)
+        with torch.no_grad():
+            xs, ys, state = spec.update(net, state, [flat], [g], [fx if spec.extrapolates else flat],
+                                        lr=0.05 if spec.lr_is_step else 0.5, prox=prox, params=params, step=k)
+        calls.clear()
+        fx, flat = xs[0], ys[0]
+        assert torch.equal(torch.cat([p.detach().reshape(-1) for p in ps]), flat[0])
+        assert torch.equal(torch.cat([opt.solution(p).reshape(-1) for p in ps]), fx[0])
+    hook.remove()
+    assert all(opt.state[p][key].is_contiguous() and opt.state[p][key]._base is None
+               for p in ps for key in opt.state[p] if isinstance(opt.state[p][key], torch.Tensor))
+
+
+@pytest.mark.parametrize("arch", ["pa", "pamr", "rnnprop"])
+def test_multi_tensor_state_dict_round_trip_and_uneven_histories(arch):
+    """Tensors whose step counts differ (one without a gradient for a while) run as
+    separate batches; a state_dict round trip mid-way repeats the run bit for bit."""
+    gen = torch.Generator().manual_seed(1)
+    shapes = [(6, 4), (9,), (3, 3)]
+
+    def run(opt, ps, steps, seed):
+        g = torch.Generator().manual_seed(seed)
+        for k in range(steps):
+            for i, p in enumerate(ps):
+                p.grad = None if (i == 1 and k < 2) else torch.randn(p.shape, generator=g)
+            opt.step()
+
+    ps = [torch.randn(sh, generator=gen).requires_grad_(True) for sh in shapes]
+    opt = _arch_optimizer(arch, ps, 0.05)
+    run(opt, ps, 4, 0)
+    assert opt.state[ps[0]]["step"] == 4 and opt.state[ps[1]]["step"] == 2
+    saved = copy.deepcopy(opt.state_dict())
+    ps2 = [p.detach().clone().requires_grad_(True) for p in ps]
+    opt2 = _arch_optimizer(arch, ps2, 0.05)
+    opt2.load_state_dict(saved)
+    run(opt, ps, 3, 1)
+    run(opt2, ps2, 3, 1)
+    assert all(torch.equal(a, b) for a, b in zip(ps, ps2))
 
 
 def test_functional_update_is_differentiable(prob):
@@ -227,7 +314,8 @@ def test_functional_update_is_differentiable(prob):
     s = prob.step_size()
     loss = 0
     for _ in range(3):
-        x, y, state = pa_update(net, state, y, prob.grad(y), x, lr=s, prox="l1", params={"lam": LAM})
+        xs, ys, state = pa_update(net, state, [y], [prob.grad(y)], [x], lr=s, prox="l1", params={"lam": LAM})
+        x, y = xs[0], ys[0]
         loss = loss + prob.objective(x).mean()
     loss.backward()
     grads = [p.grad for p in net.parameters()]
@@ -235,7 +323,8 @@ def test_functional_update_is_differentiable(prob):
 
 
 def test_parameter_counts():
-    counts = {k: sum(p.numel() for p in N().parameters()) for k, N in torch_l2o.nets.NETWORKS.items()}
+    counts = {a: sum(p.numel() for p in get_architecture(a).network().parameters())
+              for a in available_architectures()}
     assert counts == {"l2odm": 5301, "rnnprop": 6801, "pa": 5742, "pagru": 2898, "pamr": 4594, "gso": 2 * 5301,
                       "mathgd": 3 * 5120 + 4}
     assert counts["pamr"] < counts["pa"]  # the paper's claim holds for the default configuration

@@ -50,7 +50,7 @@ def test_block_step_is_the_shared_update_function():
     Ur = U.clone().requires_grad_(True)
     (g,) = torch.autograd.grad(prob.smooth(Ur, xs[1].detach()).sum(), Ur)
     with torch.no_grad():
-        expect, _ = dm_update(opt.net.nets[0], state, U, g)
+        (expect,), _, _ = dm_update(opt.net.nets[0], state, [U], [g], [U])
     _step(opt, prob, xs)
     assert torch.equal(xs[0].detach(), expect)
 
@@ -103,10 +103,13 @@ def test_meta_train_gso_repeats_and_trains(family):
 
 
 def test_arch_and_family_must_agree():
-    with pytest.raises(ValueError, match="multi-block families train 'gso'"):
+    """A base step 1/L needs a family that gives L; GSO with one block trains on a
+    single-block family (L2O-DM with the prox) through the same unroll."""
+    with pytest.raises(ValueError, match="lr is the base step 1/L, which a multi-block family does not give"):
         torch_l2o.meta_train("pa", MC, steps=1)
-    with pytest.raises(ValueError, match="multi-block families train 'gso'"):
-        torch_l2o.meta_train("gso", torch_l2o.problems.Lasso(m=5, n=8, sparsity=2), steps=1)
+    w, h = torch_l2o.meta_train("gso", torch_l2o.problems.Lasso(m=5, n=8, sparsity=2), steps=2, batch=2, horizon=4,
+                                unroll=2, inner_steps=1, val_every=2, val_batch=2, progress=False)
+    assert torch_l2o.nets.GSONet(blocks=1).state_dict().keys() == w.keys() and h.skipped == 0
 
 
 def test_matrix_completion_family():

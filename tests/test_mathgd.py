@@ -58,7 +58,7 @@ def test_step_is_bounded_and_the_shared_function():
         yr = y.clone().requires_grad_(True)
         (g,) = torch.autograd.grad(prob.smooth(yr).sum(), yr)
         with torch.no_grad():
-            y = mathgd_update(opt.net, y, g, lr=prob.step_size())
+            (y,), _, _ = mathgd_update(opt.net, {}, [y], [g], [y], lr=prob.step_size())
         assert torch.equal(x.detach(), y)
 
 

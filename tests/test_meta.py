@@ -13,7 +13,8 @@ import torch
 
 import torch_l2o
 from torch_l2o.meta import evaluate, rollout
-from torch_l2o.problems import Lasso, LassoProblem, ProblemFamily, reference_solve
+from torch_l2o.problems import Lasso, LassoProblem, MatrixCompletion, ProblemFamily, reference_solve
+from torch_l2o.registry import available_architectures
 from torch_l2o.weights import build_network
 
 TINY = dict(batch=4, horizon=6, unroll=3, val_every=2, val_batch=6, progress=False)
@@ -24,12 +25,19 @@ def _equal(a, b):
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("arch", ["pa", "pagru", "pamr", "l2odm", "rnnprop"])
+SMALL = {"mathgd": {"hidden": 16, "init_scale": 1.0},  # the paper's H = 5120 is slow for a test
+         "gso": {"inner_steps": 2}}  # 6 rounds of 2 steps per block
+# each architecture on a family of its kind: GSO alternates over the blocks of matrix completion
+FAMILY = {"gso": MatrixCompletion(n=12, rank=2, observe=0.5)}
+
+
+@pytest.mark.parametrize("arch", available_architectures())
 def test_seed_repeats_exactly_and_training_improves(arch):
-    w1, h1 = torch_l2o.meta_train(arch, FAM, steps=4, seed=3, **TINY)
-    w2, h2 = torch_l2o.meta_train(arch, FAM, steps=4, seed=3, **TINY)
+    opts, fam = SMALL.get(arch, {}), FAMILY.get(arch, FAM)
+    w1, h1 = torch_l2o.meta_train(arch, fam, steps=4, seed=3, **TINY, **opts)
+    w2, h2 = torch_l2o.meta_train(arch, fam, steps=4, seed=3, **TINY, **opts)
     assert _equal(w1, w2) and h1.loss == h2.loss and h1.val_score == h2.val_score
-    w3, _ = torch_l2o.meta_train(arch, FAM, steps=4, seed=4, **TINY)
+    w3, _ = torch_l2o.meta_train(arch, fam, steps=4, seed=4, **TINY, **opts)
     assert not _equal(w1, w3)
     assert all(math.isfinite(v) for v in h1.loss) and h1.skipped == 0
 
@@ -91,12 +99,24 @@ def test_meta_losses(loss):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="unknown architecture"):
+    with pytest.raises(ValueError, match="unknown architecture 'lstm'; known: pa, pagru, pamr"):
         torch_l2o.meta_train("lstm", FAM)
+    with pytest.raises(TypeError, match="the architecture's name comes first"):
+        torch_l2o.meta_train(FAM, "pa")
+    with pytest.raises(TypeError, match=r"a family instance, e.g. Lasso\(\)"):
+        torch_l2o.meta_train("pa", Lasso)
+    with pytest.raises(TypeError, match=r"not family.sample\(...\)"):
+        torch_l2o.meta_train("pa", FAM.sample(2))
+    with pytest.raises(ValueError, match="batch must be an int >= 1"):
+        torch_l2o.meta_train("pa", FAM, batch=0)
+    with pytest.raises(TypeError, match="L2O-PA-MR has no option 'windw'; its network options: hidden"):
+        torch_l2o.meta_train("pamr", FAM, windw=3, **TINY)
     with pytest.raises(ValueError, match="loss must be one of"):
         torch_l2o.meta_train("pa", FAM, loss="mse")
     with pytest.raises(ValueError, match="multiple of the unroll"):
         torch_l2o.meta_train("pa", FAM, horizon=10, unroll=3)
+    with pytest.raises(FileNotFoundError, match="no such checkpoint"):
+        torch_l2o.meta_train("pa", FAM, resume="/no/such/checkpoint.pt", **TINY)
 
 
 def test_rollout_is_the_optimizer():
@@ -112,7 +132,7 @@ def test_rollout_is_the_optimizer():
         opt.zero_grad()
         prob.smooth(x).sum().backward()
         opt.step()
-    assert torch.allclose(opt.solution(x), carry["x"], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(opt.solution(x), carry["xs"][0], rtol=1e-5, atol=1e-6)
     assert torch.allclose(prob.objective(opt.solution(x)), F[-1], rtol=1e-5)
 
 

@@ -1,12 +1,20 @@
 """Problem families, the float64 reference solver and the metric."""
 
+import ast
+import subprocess
+import sys
 import warnings
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch import Tensor
 
-from torch_l2o.problems import Lasso, LogisticL1, kkt_residual, mean_relative_error, reference_solve
+import torch_l2o.problems as problems
+from torch_l2o.problems import (BlockFamily, GaussianMixture, Lasso, LogisticL1, MatrixCompletion, Problem,
+                                ProblemBase, ProblemFamily, kkt_residual, mean_relative_error, reference_solve)
 
 D = torch.float64
 
@@ -107,3 +115,110 @@ def test_slicing_and_casting():
     p64 = prob.to(D)
     assert p64.A.dtype == D and p64.lipschitz.dtype == D and prob.A.dtype == torch.float32
     assert p64.x0().shape == (5, 20) and p64.x0().dtype == D
+
+
+@dataclass
+class CountingProblem(Problem):
+    """A user's problem written as the docs show; counts how often its ``lipschitz`` body runs."""
+
+    A: Tensor = None
+    calls = 0
+
+    def smooth(self, x):
+        return 0.5 * torch.einsum("bmn,bn->bm", self.A, x).square().sum(-1)
+
+    @property
+    def lipschitz(self):
+        CountingProblem.calls += 1
+        return torch.linalg.matrix_norm(self.A, ord=2).square()
+
+    @property
+    def dim(self):
+        return self.A.shape[-1]
+
+
+def test_lipschitz_computed_once_per_problem():
+    CountingProblem.calls = 0
+    prob = CountingProblem(A=torch.randn(4, 6, 5, generator=torch.Generator().manual_seed(0)))
+    steps = [prob.step_size() for _ in range(5)]
+    assert CountingProblem.calls == 1 and all(torch.equal(s, steps[0]) for s in steps)
+    assert torch.equal(prob.lipschitz, torch.linalg.matrix_norm(prob.A, ord=2).square())
+    # a new object computes its own, from its own data and in its own precision
+    p64 = prob.to(torch.float64)
+    assert p64.lipschitz.dtype == torch.float64 and CountingProblem.calls == 2
+    assert torch.equal(p64.lipschitz, torch.linalg.matrix_norm(p64.A, ord=2).square())
+    assert prob[1:3].lipschitz.shape == (2,) and CountingProblem.calls == 3
+    assert prob.lipschitz.dtype == torch.float32 and CountingProblem.calls == 3
+
+
+def test_builtin_lipschitz_cached_and_unchanged():
+    prob = Lasso(m=20, n=40, sparsity=5).sample(3, generator=torch.Generator().manual_seed(0))
+    assert prob.lipschitz is prob.lipschitz
+    # the float32 constant from the float32 data, as before the cache
+    assert torch.equal(prob.lipschitz, torch.linalg.matrix_norm(prob.A, ord=2).square())
+
+
+def test_one_protocol_for_single_and_multi_block():
+    lasso = Lasso(m=10, n=20, sparsity=3).sample(2, generator=torch.Generator().manual_seed(0), dtype=D)
+    assert isinstance(lasso, ProblemBase) and lasso.blocks == ("x",) and lasso.batch == 2
+    (x0,) = lasso.starts()
+    assert torch.equal(x0, lasso.x0()) and lasso.block_prox() == [("l1", {"lam": 0.1})]
+    x = torch.randn(2, 20, dtype=D)
+    assert torch.equal(lasso.objective(x), lasso.smooth(x) + 0.1 * x.abs().sum(-1))
+    assert torch.equal(lasso.regularizer(x), 0.1 * x.abs().sum(-1))
+
+    for fam in (MatrixCompletion(n=10, rank=2), GaussianMixture(G=20)):
+        assert isinstance(fam, ProblemFamily) and isinstance(fam, BlockFamily)
+        prob = fam.sample(3, generator=torch.Generator().manual_seed(0), dtype=D)
+        assert isinstance(prob, ProblemBase) and prob.batch == 3
+        xs = prob.starts()
+        assert len(xs) == len(prob.blocks) == len(prob.block_prox())
+        assert all(torch.equal(a, b) for a, b in zip(xs, prob.x0()))
+    # the simplex block's r (its indicator) counts in the objective
+    w_out = torch.full_like(xs[1], 1.0)
+    assert torch.isfinite(prob.objective(*xs)).all() and torch.isinf(prob.objective(xs[0], w_out)).all()
+
+
+def test_soft_impute_baseline():
+    from torch_l2o.baselines import soft_impute
+    from torch_l2o.prox import prox_value
+
+    prob = MatrixCompletion(n=20, rank=2, observe=0.5).sample(2, generator=torch.Generator().manual_seed(0), dtype=D)
+    X = soft_impute(prob, 0.1, 100)
+    F = lambda X: 0.5 * (prob.mask * (prob.R - X)).square().sum((1, 2)) + prox_value("nuclear", X, 1, lam=0.1)
+    assert (F(X) < F(torch.zeros_like(X))).all() and float(prob.rmse(X).max()) < 0.5
+    assert not hasattr(prob, "soft_impute")  # a solver on the optimizers, not a method of the problem
+
+
+PROBLEMS = Path(problems.__file__).parent
+MODULES = sorted(p.stem for p in PROBLEMS.glob("*.py"))
+
+
+def _imports(path: Path) -> set[str]:
+    """Absolute names of every module (and imported name) ``path`` imports, at any depth."""
+    package = f"torch_l2o.problems.{path.stem}".split(".")[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            out |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom):
+            base = ".".join(package[: len(package) - node.level + 1] if node.level else [])
+            mod = ".".join(p for p in (base, node.module) if p)
+            out |= {mod} | {f"{mod}.{a.name}" for a in node.names}
+    return out
+
+
+@pytest.mark.parametrize("module", MODULES)
+def test_problems_import_no_optim_and_no_cycle(module):
+    names = _imports(PROBLEMS / f"{module}.py")
+    assert not any(n == "torch_l2o.optim" or n.startswith("torch_l2o.optim.") for n in names), names
+    if module == "base":  # the root of the package: it imports no sibling (solve imports it)
+        assert not any(n.startswith("torch_l2o.problems.") for n in names), names
+    # each module imports first in a fresh interpreter
+    subprocess.run([sys.executable, "-c", f"import torch_l2o.problems.{module}"], check=True)
+
+
+def test_optimal_values_beside_the_solver():
+    from torch_l2o.problems import base, solve
+
+    assert problems.optimal_values is solve.optimal_values and not hasattr(base, "optimal_values")

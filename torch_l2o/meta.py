@@ -18,6 +18,7 @@ instances and the gradients are averaged.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 import time
@@ -28,17 +29,13 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .nets import NETWORKS
-from .optim.functional import dm_update, mathgd_update, pa_update, rnnprop_update
-from .problems.base import Problem, ProblemFamily, mean_relative_error, optimal_values
-from .problems.multiblock import BlockFamily, BlockProblem
+from .problems import Problem, ProblemFamily, mean_relative_error, optimal_values
 from .prox import get_prox
+from .registry import Architecture, available_architectures, get_architecture
 from .weights import build_network
 
-__all__ = ["meta_train", "MetaHistory", "rollout", "rollout_blocks", "evaluate"]
+__all__ = ["meta_train", "MetaHistory", "rollout", "evaluate"]
 
-PA_FAMILY = ("pa", "pagru", "pamr")
-PROX_ARCHS = PA_FAMILY + ("mathgd",)  # they apply the prox of r; the others see its subgradient
 LOSSES = ("log", "mean", "log_gap", "last")
 
 
@@ -62,88 +59,65 @@ class MetaHistory:
 # ---------------------------------------------------------------- the unroll
 
 
-def _gradient(problem: Problem, y: Tensor, arch: str) -> Tensor:
-    """``grad f(y)``, differentiable in ``y``; for L2O-DM and RNNProp the subgradient of
-    ``F = f + r`` (they apply no prox)."""
-    if type(problem).grad is not Problem.grad:
-        g = problem.grad(y)
+def _gradient(problem, ys: list[Tensor], b: int, subgradient: bool) -> Tensor:
+    """``grad f`` in block ``b`` at ``ys``, differentiable when grad is enabled; with
+    ``subgradient`` plus that of the block's ``r`` (for architectures that apply no prox)."""
+    create = torch.is_grad_enabled()
+    y = ys[b]
+    if isinstance(problem, Problem) and type(problem).grad is not Problem.grad:
+        g = problem.grad(y)  # closed form
     else:
         with torch.enable_grad():
             yy = y if y.requires_grad else y.detach().requires_grad_(True)
-            (g,) = torch.autograd.grad(problem.smooth(yy).sum(), yy, create_graph=torch.is_grad_enabled())
-    if arch not in PROX_ARCHS and problem.prox != "none":
+            (g,) = torch.autograd.grad(problem.smooth(*ys[:b], yy, *ys[b + 1:]).sum(), yy, create_graph=create)
+    name, params = problem.block_prox()[b]
+    if subgradient and name != "none":
+        spec = get_prox(name)
         with torch.enable_grad():
             yy = y.detach().requires_grad_(True)
-            (gr,) = torch.autograd.grad(problem.regularizer(yy).sum(), yy)
+            (gr,) = torch.autograd.grad(spec.r(yy, 1, **spec.resolve(params)).sum(), yy)
         g = g + gr
     return g
 
 
-def rollout(arch: str, net, problem: Problem, carry: dict | None, steps: int, *, lr: Tensor | float | None = None,
-           score: str = "x") -> tuple[Tensor, dict]:
-    """Run ``steps`` iterations of the learned optimizer on ``problem`` (grad enabled:
-    differentiable in the network's weights). Returns ``F`` at every iteration,
-    shape ``(steps, B)``, and the carry (iterates, recurrent state, step count) to
-    continue from. ``lr``: the PA family's base step (default ``problem.step_size()``),
-    L2O-DM's and RNNProp's output scale (default 1)."""
+def rollout(arch: str, net, problem, carry: dict | None, steps: int, *, lr: Tensor | float | None = None,
+            score: str = "x", inner_steps: int = 1) -> tuple[Tensor, dict]:
+    """Run ``steps`` rounds of the learned optimizer on ``problem`` (grad enabled:
+    differentiable in the network's weights). A round moves each variable block in turn
+    by ``inner_steps`` learned steps with the others fixed (GSO's alternation, seed 003
+    Algorithm 2); a single-block problem with ``inner_steps=1`` takes one step per round.
+    Returns ``F`` after every round, shape ``(steps, B)``, and the carry (iterates,
+    recurrent states, rounds) to continue from. ``lr``: the base step for architectures
+    whose ``lr`` is a step (default ``problem.step_size()``), else the output scale (1)."""
+    spec = get_architecture(arch)
     if carry is None:
-        y = problem.x0()
-        carry = {"x": y, "y": y, "state": net.init_state(y.numel(), y.device), "k": 0}
-    x, y, state, k = carry["x"], carry["y"], carry["state"], carry["k"]
+        ys = problem.starts()
+        carry = {"xs": list(ys), "ys": list(ys), "k": 0,
+                 "states": [net.block(b).init_state(y.numel(), y.device) for b, y in enumerate(ys)]}
+    xs, ys, states, k = list(carry["xs"]), list(carry["ys"]), list(carry["states"]), carry["k"]
     if lr is None:
-        lr = problem.step_size() if arch in PROX_ARCHS else 1.0
-    spec = get_prox(problem.prox)
-    params = spec.resolve(problem.prox_params)
+        lr = problem.step_size() if spec.lr_is_step else 1.0
+    proxes = [(name, get_prox(name).resolve(params)) if spec.applies_prox else ("none", {})
+              for name, params in problem.block_prox()]
     values = []
     for _ in range(steps):
-        g = _gradient(problem, y, arch)
-        if arch in PA_FAMILY:
-            x, y, state = pa_update(net, state, y, g, x, lr=lr, prox=problem.prox, params=params, instance_dims=1)
-        elif arch == "mathgd":
-            y = mathgd_update(net, y, g, lr=lr, prox=problem.prox, params=params)
-            x = y
-        elif arch == "l2odm":
-            y, state = dm_update(net, state, y, g, lr=lr)
-            x = y
-        else:
-            y, state = rnnprop_update(net, state, y, g, lr=lr, step=k)
-            x = y
+        for b in range(len(ys)):
+            for i in range(inner_steps):
+                g = _gradient(problem, ys, b, subgradient=not spec.applies_prox)
+                xn, yn, states[b] = spec.update(
+                    net.block(b), states[b], [ys[b]], [g], [xs[b] if spec.extrapolates else ys[b]], lr=lr,
+                    prox=proxes[b][0], params=proxes[b][1], step=k * inner_steps + i, instance_dims=1)
+                xs[b], ys[b] = xn[0], yn[0]
         k += 1
-        values.append(problem.objective(x if score == "x" else y))
-    return torch.stack(values), {"x": x, "y": y, "state": state, "k": k}
-
-
-def rollout_blocks(net, problem: BlockProblem, carry: dict | None, rounds: int, *, inner_steps: int = 10,
-                   lr: float = 1.0) -> tuple[Tensor, dict]:
-    """GSO's alternation (seed 003, Algorithm 2): per round, each block in turn takes
-    ``inner_steps`` learned steps on the global loss with the others fixed. Returns ``F``
-    after every round, shape ``(rounds, B)``, and the carry (blocks, states)."""
-    if carry is None:
-        xs = problem.x0()
-        carry = {"xs": xs, "states": [net.nets[b].init_state(x.numel(), x.device) for b, x in enumerate(xs)], "k": 0}
-    xs, states = list(carry["xs"]), list(carry["states"])
-    proxes = [(name, get_prox(name).resolve(params)) for name, params in problem.block_prox()]
-    create = torch.is_grad_enabled()
-    values = []
-    for _ in range(rounds):
-        for b in range(len(xs)):
-            for _ in range(inner_steps):
-                with torch.enable_grad():
-                    xb = xs[b] if xs[b].requires_grad else xs[b].detach().requires_grad_(True)
-                    args = xs[:b] + [xb] + xs[b + 1 :]
-                    (g,) = torch.autograd.grad(problem.smooth(*args).sum(), xb, create_graph=create)
-                xs[b], states[b] = dm_update(net.nets[b], states[b], xb if create else xs[b], g, lr=lr,
-                                             prox=proxes[b][0], params=proxes[b][1])
-        values.append(problem.objective(*xs))
-    return torch.stack(values), {"xs": xs, "states": states, "k": carry["k"] + rounds}
+        values.append(problem.objective(*(xs if score == "x" else ys)))
+    return torch.stack(values), {"xs": xs, "ys": ys, "states": states, "k": k}
 
 
 def _detach(carry: dict) -> dict:
-    if "xs" in carry:
-        return {"xs": [x.detach() for x in carry["xs"]], "k": carry["k"],
-                "states": [{n: t.detach() for n, t in st.items()} for st in carry["states"]]}
-    return {"x": carry["x"].detach(), "y": carry["y"].detach(), "k": carry["k"],
-            "state": {n: t.detach() for n, t in carry["state"].items()}}
+    xs = [x.detach() for x in carry["xs"]]
+    ys = [y.detach() if y is not x else d for x, y, d in zip(carry["xs"], carry["ys"], xs)]
+    return {"xs": xs, "ys": ys, "k": carry["k"], "states": [{n: t.detach() for n, t in st.items()}
+                                                            for st in carry["states"]]}
 
 
 def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None, F0: Tensor | None = None) -> Tensor:
@@ -163,13 +137,12 @@ def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None, F0: Tensor | None = 
 
 
 @torch.no_grad()
-def evaluate(arch: str, net, problem, F_star: Tensor | None, iters: int, inner_steps: int = 10) -> Tensor:
-    """Mean relative error at every iteration 1..iters, float64, shape ``(iters,)``; for a
-    multi-block problem (no ``F*``) the mean objective after every round."""
-    if arch == "gso":
-        F, _ = rollout_blocks(net, problem, None, iters, inner_steps=inner_steps)
+def evaluate(arch: str, net, problem, F_star: Tensor | None, iters: int, inner_steps: int = 1) -> Tensor:
+    """Mean relative error after every round 1..iters, float64, shape ``(iters,)``; without
+    ``F*`` (non-convex multi-block problems) the mean objective after every round."""
+    F, _ = rollout(arch, net, problem, None, iters, inner_steps=inner_steps)
+    if F_star is None:
         return F.double().mean(-1)
-    F, _ = rollout(arch, net, problem, None, iters)
     return torch.stack([mean_relative_error(f, F_star) for f in F])
 
 
@@ -205,10 +178,139 @@ def _seed(*parts: int) -> int:
     return h
 
 
+def _check_arguments(arch: Any, family: Any, loss: str, score: str, horizon: int, unroll: int, steps: int,
+                     batch: int, meta_optimizer: str) -> Architecture:
+    """Every argument error before anything runs, each naming the fix."""
+    if not isinstance(arch, str) and (hasattr(arch, "sample") or isinstance(family, str)):
+        raise TypeError("meta_train(arch, family): the architecture's name comes first, e.g. "
+                        "meta_train('pamr', Lasso())")
+    spec = get_architecture(arch)
+    if isinstance(family, type):
+        raise TypeError(f"meta_train needs a family instance, e.g. {family.__name__}(), not the class {family.__name__}")
+    if not callable(getattr(family, "sample", None)):
+        what = "a sampled problem batch" if hasattr(family, "objective") else type(family).__name__
+        raise TypeError(f"meta_train needs a ProblemFamily (something with .sample(batch)), got {what}; "
+                        "pass the family itself, e.g. Lasso(m=250, n=500), not family.sample(...)")
+    for name, v in (("steps", steps), ("batch", batch), ("horizon", horizon), ("unroll", unroll)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"meta_train: {name} must be an int >= 1, got {v!r}")
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    if score not in ("x", "y"):
+        raise ValueError(f"score must be 'x' or 'y', got {score!r}")
+    if horizon % unroll:
+        raise ValueError(f"horizon ({horizon}) must be a multiple of the unroll length ({unroll})")
+    if meta_optimizer not in ("adam", "sgd"):
+        raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {meta_optimizer!r}")
+    return spec
+
+
+def build(spec: Architecture, *, init: Any, seed: int, device: str, meta_optimizer: str,
+          lr: float, net_options: dict) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The network to train (seeded, on ``device``, in training mode) and its optimizer."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_seed(seed, 1))
+        net, _ = build_network(spec.name, init, **net_options)
+    net.to(device).train()
+    for q in net.parameters():
+        q.requires_grad_(True)
+    opt = (torch.optim.Adam if meta_optimizer == "adam" else torch.optim.SGD)(net.parameters(), lr=lr)
+    return net, opt
+
+
 def _save_checkpoint(path: str, payload: dict) -> None:
     tmp = f"{path}.tmp"
     torch.save(payload, tmp)
     os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
+
+
+def save_checkpoint(path: str, arch: str, step: int, net, opt, best: dict, hist: MetaHistory) -> None:
+    """Everything a resumed run needs to repeat the uninterrupted one."""
+    _save_checkpoint(path, {"arch": arch, "step": step, "net": net.state_dict(), "opt": opt.state_dict(),
+                            "best": best, "history": hist.as_dict()})
+
+
+def load_checkpoint(path: str, arch: str, net, opt, device: str) -> tuple[dict, MetaHistory, int]:
+    """Restore ``net`` and ``opt`` from ``path``; returns the best weights, history and step."""
+    try:
+        ck = torch.load(path, weights_only=True, map_location=device)  # no pickle: tensors and plain data
+    except Exception as e:
+        raise ValueError(f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is truncated, "
+                         "corrupt or not a torch_l2o checkpoint: delete it to start over") from e
+    if ck["arch"] != arch:
+        raise ValueError(f"checkpoint {path} is for {ck['arch']!r}, not {arch!r}")
+    net.load_state_dict(ck["net"])
+    opt.load_state_dict(ck["opt"])
+    return ck["best"], MetaHistory(**ck["history"]), ck["step"]
+
+
+class Validation:
+    """Held instances (one seeded batch, float64 ``F*`` where the family is convex) and
+    the record of the best weights: calling it scores ``net`` and keeps it if best."""
+
+    def __init__(self, spec: Architecture, family: ProblemFamily, *, batch: int, iters: int, inner_steps: int,
+                 seed: int, device: str) -> None:
+        val = family.sample(batch, generator=torch.Generator().manual_seed(_seed(seed, 2)), dtype=torch.float64)
+        self.F_star = optimal_values(val).to(device) if isinstance(val, Problem) else None
+        self.problem = val.to(device=device, dtype=torch.float32)
+        self.spec, self.iters, self.inner_steps = spec, iters, inner_steps
+
+    def __call__(self, step: int, net, hist: MetaHistory, best: dict) -> None:
+        net.eval()
+        score = _val_score(evaluate(self.spec.name, net, self.problem, self.F_star, self.iters, self.inner_steps))
+        net.train()
+        hist.val_step.append(step)
+        hist.val_score.append(score)
+        if score < hist.best:
+            hist.best, hist.best_step = score, step
+            best.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+
+
+def all_reduce_gradients(params, ok: bool, device: str) -> bool:
+    """Average the gradients over the ranks (one all-reduce); a rank whose segment was
+    not finite vetoes the step everywhere. Returns whether every rank was finite."""
+    world = dist.get_world_size()
+    grads = [q.grad for q in params]
+    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([float(ok)], device=device)])
+    dist.all_reduce(flat)
+    off = 0
+    for g in grads:
+        g.copy_(flat[off : off + g.numel()].view_as(g) / world)
+        off += g.numel()
+    return flat[-1].item() == world
+
+
+def meta_step(spec: Architecture, net, opt, problem, *, horizon: int, unroll: int, loss: str, score: str,
+              clip: float | None, inner_steps: int, F_star: Tensor | None, distributed: bool, device: str,
+              hist: MetaHistory) -> tuple[list[float], list[float]]:
+    """One meta-training step on one batch: unroll ``horizon`` rounds in segments of
+    ``unroll``, one optimizer step per segment on its meta-loss, everything detached
+    between segments. A segment whose loss or gradient is not finite is skipped (and
+    counted in ``hist.skipped``); non-finite iterates end the batch. Returns the applied
+    segments' losses and gradient norms."""
+    carry, losses, norms = None, [], []
+    with torch.no_grad():
+        F0 = problem.objective(*problem.starts()).detach()
+    for _ in range(horizon // unroll):
+        F, carry = rollout(spec.name, net, problem, carry, unroll, score=score, inner_steps=inner_steps)
+        meta = _meta_loss(F, loss, F_star, F0)
+        opt.zero_grad(set_to_none=False)
+        ok = bool(torch.isfinite(meta))
+        if ok:
+            meta.backward()
+        if distributed:
+            ok = all_reduce_gradients(list(net.parameters()), ok, device)
+        norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip else math.inf)
+        if ok and bool(torch.isfinite(norm)):
+            opt.step()
+            losses.append(float(meta.detach()))
+            norms.append(float(norm))
+        else:
+            hist.skipped += 1
+            if not ok:
+                break  # iterates went non-finite: this batch is done
+        carry = _detach(carry)
+    return losses, norms
 
 
 def meta_train(
@@ -231,7 +333,7 @@ def meta_train(
     checkpoint_every: int = 20,
     resume: str | None = None,
     init: Any = "untrained",
-    inner_steps: int = 10,
+    inner_steps: int | None = None,
     meta_optimizer: str = "adam",
     fixed_batch: bool = False,
     device: str = "cpu",
@@ -239,14 +341,16 @@ def meta_train(
     callback: Callable[[int, MetaHistory], None] | None = None,
     **net_options: Any,
 ) -> tuple[dict[str, Tensor], MetaHistory]:
-    """Meta-train learned optimizer ``arch`` (``"pa"``, ``"pagru"``, ``"pamr"``,
-    ``"l2odm"``, ``"rnnprop"``) on ``family``; returns the best weights and the history.
+    """Meta-train the learned optimizer ``arch`` (any registered architecture:
+    :func:`~torch_l2o.registry.available_architectures`) on ``family``; returns the best
+    weights and the history.
 
     Args:
         steps: meta-training steps, each on a fresh batch of ``batch`` instances.
-        horizon, unroll: iterations per batch, and the truncation
-            segment: one Adam step per segment, everything detached between segments.
-        lr: Adam's step (default 3e-3 for the ``"log"`` losses, 1e-2 for ``"mean"``).
+        horizon, unroll: rounds per batch (for a single-block family, iterations), and
+            the truncation segment: one meta-optimizer step per segment, everything
+            detached between segments.
+        lr: the meta-optimizer's step (default 3e-3 for the ``"log"`` losses, 1e-2 for ``"mean"``).
         loss: ``"log"`` (default): mean over a segment's iterations and instances of
             ``log F`` -- scale-free, so every instance and every iteration counts, and
             training stays stable; ``"mean"``: the reference's mean of ``F`` (dominated by
@@ -258,141 +362,80 @@ def meta_train(
         score: evaluate ``F`` at the prox output ``"x"`` (what users read, the default)
             or at the extrapolated point ``"y"`` (the reference code).
         clip: gradient-norm clipping (``None``: off).
-        val_every, val_batch, val_iters: validation cadence, held instances, iterations
+        val_every, val_batch, val_iters: validation cadence, held instances, rounds
             (default ``horizon``); the kept weights are those with the best score.
         seed: fixes batches, validation set, initialisation and dropout.
         checkpoint, checkpoint_every, resume: where and how often to save; a checkpoint
             to continue from (the run then repeats the uninterrupted one exactly).
         init: initial weights (``"untrained"``, a name, a path or a state dict).
-        inner_steps: for ``"gso"`` on a multi-block family: ``t_l``, the learned steps per
-            block per round; ``horizon`` then counts rounds (``T``) and ``unroll`` the rounds
-            per meta-update (``t_u``), the loss is over the global objective after each round.
+        inner_steps: learned steps per variable block per round (``t_l`` of GSO; default
+            the architecture's training setting, else 1). On a multi-block family each
+            round moves every block in turn and the loss is over the global objective.
         meta_optimizer: ``"adam"`` (default) or ``"sgd"`` (Math-L2O's protocol).
         fixed_batch: train on the same ``batch`` instances at every step (a fixed training
             set, as in Math-L2O's convergence analysis) instead of fresh ones.
         **net_options: the network's constructor arguments.
-    """
-    if arch not in NETWORKS:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(NETWORKS)}")
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
-    if score not in ("x", "y"):
-        raise ValueError(f"score must be 'x' or 'y', got {score!r}")
-    seg = unroll
-    if horizon % seg:
-        raise ValueError(f"horizon ({horizon}) must be a multiple of the unroll length ({seg})")
-    lr = lr if lr is not None else (1e-2 if loss == "mean" else 3e-3)
-    val_iters = val_iters or horizon
-    blocks = isinstance(family, BlockFamily)
-    if blocks != (arch == "gso"):
-        raise ValueError("multi-block families train 'gso'; 'gso' trains on multi-block families "
-                         f"(got arch {arch!r} and a {type(family).__name__})")
-    if loss == "log_gap" and blocks:
-        raise ValueError("loss='log_gap' needs F*, which multi-block (non-convex) families do not have")
-    distributed = _init_distributed(device)
-    rank, world = _rank_world()
 
-    if blocks:
-        net_options.setdefault("blocks", len(family.sample(1, generator=torch.Generator().manual_seed(0)).blocks))
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(_seed(seed, 1))
-        net, _ = build_network(arch, init, **net_options)
-    net.to(device).train()
-    for q in net.parameters():
-        q.requires_grad_(True)
-    if meta_optimizer not in ("adam", "sgd"):
-        raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {meta_optimizer!r}")
-    opt = (torch.optim.Adam if meta_optimizer == "adam" else torch.optim.SGD)(net.parameters(), lr=lr)
+    Time: a step costs about ``batch x horizon`` learned steps forward and backward; on
+    one CPU core the shipped LASSO settings (batch 32, horizon 100, 300 steps) take
+    40-110 minutes per architecture.
+    """
+    spec = _check_arguments(arch, family, loss, score, horizon, unroll, steps, batch, meta_optimizer)
+    lr = lr if lr is not None else (1e-2 if loss == "mean" else 3e-3)
+    inner_steps = inner_steps if inner_steps is not None else spec.training.get("inner_steps", 1)
+    sample = family.sample(1, generator=torch.Generator().manual_seed(0))
+    convex = isinstance(sample, Problem)
+    if spec.lr_is_step and not convex:
+        raise ValueError(f"{spec.display_name}'s lr is the base step 1/L, which a multi-block family does not give: "
+                         f"train an architecture whose lr scales its output on it "
+                         f"({', '.join(a for a in available_architectures() if not get_architecture(a).lr_is_step)})")
+    if loss == "log_gap" and not convex:
+        raise ValueError("loss='log_gap' needs F*, which multi-block (non-convex) families do not have")
+    if resume is not None and not os.path.exists(resume) and resume != checkpoint:
+        raise FileNotFoundError(f"resume={resume!r}: no such checkpoint (to start fresh and checkpoint there, "
+                                "pass the same path as checkpoint=)")
+    distributed = _init_distributed(device)
+    rank, _ = _rank_world()
+
+    if "blocks" in inspect.signature(spec.network.__init__).parameters:  # one network per variable block
+        net_options.setdefault("blocks", len(sample.blocks))
+    net, opt = build(spec, init=init, seed=seed, device=device, meta_optimizer=meta_optimizer, lr=lr,
+                     net_options=net_options)
     hist = MetaHistory()
     best = {k: v.detach().clone() for k, v in net.state_dict().items()}
     start = 0
-
     if resume is not None and os.path.exists(resume):
-        try:
-            ck = torch.load(resume, weights_only=True, map_location=device)  # no pickle: tensors and plain data
-        except Exception as e:
-            raise ValueError(f"checkpoint {resume} cannot be read ({type(e).__name__}: {e}); it is truncated, "
-                             "corrupt or not a torch_l2o checkpoint: delete it to start over") from e
-        if ck["arch"] != arch:
-            raise ValueError(f"checkpoint {resume} is for {ck['arch']!r}, not {arch!r}")
-        net.load_state_dict(ck["net"])
-        opt.load_state_dict(ck["opt"])
-        best = ck["best"]
-        hist = MetaHistory(**ck["history"])
-        start = ck["step"]
-
-    val = family.sample(val_batch, generator=torch.Generator().manual_seed(_seed(seed, 2)), dtype=torch.float64)
-    val_F = None if blocks else optimal_values(val).to(device)
-    val = val.to(device=device, dtype=torch.float32)
-
-    def validate(step: int) -> None:
-        net.eval()
-        score_ = _val_score(evaluate(arch, net, val, val_F, val_iters, inner_steps))
-        net.train()
-        hist.val_step.append(step)
-        hist.val_score.append(score_)
-        if score_ < hist.best:
-            hist.best, hist.best_step = score_, step
-            best.update({k: v.detach().clone() for k, v in net.state_dict().items()})
+        best, hist, start = load_checkpoint(resume, spec.name, net, opt, device)
+    validate = Validation(spec, family, batch=val_batch, iters=val_iters or horizon, inner_steps=inner_steps,
+                          seed=seed, device=device)
 
     bar = None
     if progress and rank == 0:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=steps, initial=start, desc=f"meta_train {arch}", dynamic_ncols=True)
+        bar = tqdm(total=steps, initial=start, desc=f"meta_train {spec.name}", dynamic_ncols=True)
     t0 = time.perf_counter()
     if start == 0 and not hist.val_step:
-        validate(0)
+        validate(0, net, hist, best)
     for step in range(start, steps):
         gen = torch.Generator().manual_seed(_seed(seed, 3, 0 if fixed_batch else step, rank))
         prob = family.sample(batch, generator=gen, dtype=torch.float64 if loss == "log_gap" else torch.float32)
         F_star = optimal_values(prob).float().to(device) if loss == "log_gap" else None
         prob = prob.to(device=device, dtype=torch.float32)
-        carry, seg_losses, seg_norms = None, [], []
-        with torch.no_grad():
-            F0 = (prob.objective(*prob.x0()) if blocks else prob.objective(prob.x0())).detach()
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(seed, 4, step, rank))  # dropout
-            for _ in range(horizon // seg):
-                if blocks:
-                    F, carry = rollout_blocks(net, prob, carry, seg, inner_steps=inner_steps)
-                else:
-                    F, carry = rollout(arch, net, prob, carry, seg, score=score)
-                meta = _meta_loss(F, loss, F_star, F0)
-                opt.zero_grad(set_to_none=False)
-                ok = bool(torch.isfinite(meta))
-                if ok:
-                    meta.backward()
-                grads = [q.grad for q in net.parameters()]
-                if distributed:
-                    flat = torch.cat([g.reshape(-1) for g in grads] + [torch.tensor([float(ok)], device=device)])
-                    dist.all_reduce(flat)
-                    ok = flat[-1].item() == world  # a non-finite rank vetoes the step everywhere
-                    off = 0
-                    for g in grads:
-                        g.copy_(flat[off : off + g.numel()].view_as(g) / world)
-                        off += g.numel()
-                norm = torch.nn.utils.clip_grad_norm_(net.parameters(), clip if clip else math.inf)
-                if ok and bool(torch.isfinite(norm)):
-                    opt.step()
-                    seg_losses.append(float(meta.detach()))
-                    seg_norms.append(float(norm))
-                else:
-                    hist.skipped += 1
-                    carry = None if not ok else carry
-                    if carry is None:
-                        break  # iterates went non-finite: this batch is done
-                carry = _detach(carry)
-        hist.loss.append(sum(seg_losses) / len(seg_losses) if seg_losses else math.nan)
-        hist.grad_norm.append(max(seg_norms) if seg_norms else math.nan)
+            losses, norms = meta_step(spec, net, opt, prob, horizon=horizon, unroll=unroll, loss=loss, score=score,
+                                      clip=clip, inner_steps=inner_steps, F_star=F_star, distributed=distributed,
+                                      device=device, hist=hist)
+        hist.loss.append(sum(losses) / len(losses) if losses else math.nan)
+        hist.grad_norm.append(max(norms) if norms else math.nan)
         done = step + 1
         if done % val_every == 0 or done == steps:
-            validate(done)
+            validate(done, net, hist, best)
         hist.seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         if checkpoint and rank == 0 and (done % checkpoint_every == 0 or done == steps):
-            _save_checkpoint(checkpoint, {"arch": arch, "step": done, "net": net.state_dict(),
-                                          "opt": opt.state_dict(), "best": best, "history": hist.as_dict()})
+            save_checkpoint(checkpoint, spec.name, done, net, opt, best, hist)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{hist.loss[-1]:.3g}", best=f"{hist.best:.3g}", skipped=hist.skipped)
@@ -401,4 +444,3 @@ def meta_train(
     if bar is not None:
         bar.close()
     return best, hist
-

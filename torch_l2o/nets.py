@@ -18,7 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAMRNet", "GSONet", "MathGDNet", "NETWORKS"]
+from .kernels.recurrent import rnn_step
+
+__all__ = ["CoordinateNet", "DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAMRNet", "GSONet", "MathGDNet"]
 
 State = dict[str, Tensor]
 
@@ -36,19 +38,27 @@ class CoordinateNet(nn.Module):
         """The constructor arguments: what a weight file must match."""
         return {}
 
+    @property
+    def coordinatewise(self) -> bool:
+        """Whether coordinates never interact, so that any set of them (several
+        parameter tensors) can run as one batch."""
+        return True
+
+    def coordinate_dims(self) -> dict[str, int | None]:
+        """Per state entry, the dim that indexes coordinates; ``None`` for an entry shared
+        by all coordinates (a counter). Read off :meth:`init_state`."""
+        one, two = self.init_state(1), self.init_state(2)
+        return {k: next((d for d, (i, j) in enumerate(zip(one[k].shape, two[k].shape)) if i != j), None)
+                for k in one}
+
+    def block(self, b: int) -> "CoordinateNet":
+        """The network that moves variable block ``b`` (one shared network: itself)."""
+        return self
+
 
 def _rnn_state(rnn: nn.RNNBase, n: int, device) -> State:
     z = torch.zeros(rnn.num_layers, n, rnn.hidden_size, device=device)
     return {"h": z, "c": z.clone()} if isinstance(rnn, nn.LSTM) else {"h": z}
-
-
-def _run_rnn(rnn: nn.RNNBase, inp: Tensor, state: State) -> tuple[Tensor, State]:
-    """One time step of a multi-layer RNN over ``N`` independent coordinates."""
-    if isinstance(rnn, nn.LSTM):
-        out, (h, c) = rnn(inp.unsqueeze(0), (state["h"], state["c"]))
-        return out.squeeze(0), {"h": h, "c": c}
-    out, h = rnn(inp.unsqueeze(0), state["h"])
-    return out.squeeze(0), {"h": h}
 
 
 class _PAHeads(nn.Module):
@@ -78,7 +88,7 @@ class PANet(CoordinateNet):
         return _rnn_state(self.rnn, n, device)
 
     def forward(self, feats: Tensor, state: State, instances: int = 1):
-        o, state = _run_rnn(self.rnn, feats, state)
+        o, state = rnn_step(self.rnn, feats, state)
         return self.heads(o), state
 
     def config(self):
@@ -121,6 +131,10 @@ class PAMRNet(CoordinateNet):
         self.heads = _PAHeads(hidden)
         self.window, self.attend, self.dropout = window, attend, dropout
 
+    @property
+    def coordinatewise(self) -> bool:
+        return self.attend != "coordinates"
+
     def init_state(self, n, device=None):
         state = _rnn_state(self.rnn, n, device)
         if self.attend == "window" and self.window > 1:
@@ -129,7 +143,7 @@ class PAMRNet(CoordinateNet):
         return state
 
     def forward(self, feats: Tensor, state: State, instances: int = 1):
-        o, new = _run_rnn(self.rnn, feats, state)
+        o, new = rnn_step(self.rnn, feats, state)
         if self.attend == "coordinates":
             q = o.reshape(instances, -1, o.shape[-1])
             u = self.attn(q, q, q, need_weights=False)[0].reshape(o.shape)
@@ -196,7 +210,7 @@ class DMNet(CoordinateNet):
                             torch.where(big, torch.sign(g), math.exp(p) * g)], -1)
 
     def forward(self, feats: Tensor, state: State, instances: int = 1):
-        o, state = _run_rnn(self.rnn, feats, state)
+        o, state = rnn_step(self.rnn, feats, state)
         return 0.1 * self.out(o).squeeze(-1), state
 
     def config(self):
@@ -220,7 +234,7 @@ class RNNPropNet(CoordinateNet):
                 "v": torch.zeros(n, device=device)}
 
     def forward(self, feats: Tensor, state: State, instances: int = 1):
-        o, state = _run_rnn(self.rnn, F.elu(self.inp(feats)), state)
+        o, state = rnn_step(self.rnn, F.elu(self.inp(feats)), state)
         return torch.tanh(self.out(o)).squeeze(-1), state
 
     def config(self):
@@ -241,6 +255,9 @@ class GSONet(CoordinateNet):
 
     def init_state(self, n, device=None):
         return self.nets[0].init_state(n, device)
+
+    def block(self, b: int) -> DMNet:
+        return self.nets[b]
 
     def config(self):
         c = self.nets[0].config()
@@ -279,8 +296,3 @@ class MathGDNet(CoordinateNet):
     def config(self):
         return {"hidden": self.l2.out_features, "init_scale": self.init_scale}
 
-
-NETWORKS: dict[str, type[CoordinateNet]] = {
-    "l2odm": DMNet, "rnnprop": RNNPropNet, "pa": PANet, "pagru": PAGRUNet, "pamr": PAMRNet, "gso": GSONet,
-    "mathgd": MathGDNet,
-}

@@ -11,6 +11,7 @@ in the ``pretrained/`` folder at the top of the repository, installed as the pac
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import warnings
@@ -21,15 +22,17 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor
 
-from .nets import NETWORKS, CoordinateNet
+from .nets import CoordinateNet
+from .registry import get_architecture
 
 __all__ = ["build_network", "save_weights", "read_weights", "pretrained_dir", "available_weights"]
 
-ARCH_NAMES = {"l2odm": "L2O-DM", "rnnprop": "RNNProp", "pa": "L2O-PA", "pagru": "L2O-PA-GRU", "pamr": "L2O-PA-MR",
-              "gso": "GSO", "mathgd": "Math-L2O GD"}
-# What weights=None loads: the PA family was trained on LASSO, L2O-DM and RNNProp on MLP
-# training (as in their papers).
-DEFAULT_WEIGHTS = {"pa": "lasso", "pagru": "lasso", "pamr": "lasso", "l2odm": "mlp", "rnnprop": "mlp", "gso": "mc", "mathgd": "qp"}
+
+def _display(arch: str) -> str:
+    try:
+        return get_architecture(arch).display_name
+    except ValueError:
+        return arch
 
 
 def pretrained_dir() -> Path:
@@ -70,7 +73,7 @@ def save_weights(path: str | Path, net: CoordinateNet, arch: str, card: Mapping[
     meta = {"arch": arch, "config": json.dumps(net.config(), sort_keys=True), "torch_l2o": __version__}
     save_file(tensors, str(path), metadata=meta)
     if card is not None:
-        full = {"arch": arch, "architecture": ARCH_NAMES[arch], "config": net.config(),
+        full = {"arch": arch, "architecture": get_architecture(arch).display_name, "config": net.config(),
                 "parameters": sum(p.numel() for p in net.parameters()), "torch_l2o": __version__,
                 **card, "file": path.name, "sha256": sha256(path)}
         path.with_suffix(".json").write_text(json.dumps(full, indent=1, sort_keys=False) + "\n")
@@ -114,7 +117,7 @@ def _resolve_path(arch: str, name: str) -> Path:
     if not cand.is_file():
         have = available_weights(arch)
         raise FileNotFoundError(
-            f"no pretrained weights {name!r} for {ARCH_NAMES.get(arch, arch)}; shipped: "
+            f"no pretrained weights {name!r} for {_display(arch)}; shipped: "
             f"{', '.join(have) or 'none'}. Pass a path to a .safetensors file, a state dict, "
             "or weights='untrained'"
         )
@@ -136,27 +139,38 @@ def _load_strict(net: CoordinateNet, tensors: Mapping[str, Tensor], arch: str, s
         if shapes:
             parts.append("shape mismatch " + "; ".join(shapes[:3]))
         raise ValueError(
-            f"weights from {source} do not fit a {ARCH_NAMES[arch]} network with config {net.config()}: "
+            f"weights from {source} do not fit a {_display(arch)} network with config {net.config()}: "
             + ", ".join(parts)
         )
     net.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
 
 
+def _check_options(spec, options: Mapping[str, Any]) -> None:
+    """Unknown network options are an error that lists the known ones."""
+    known = [n for n in inspect.signature(spec.network.__init__).parameters if n != "self"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise TypeError(f"{spec.display_name} has no option {', '.join(map(repr, unknown))}; "
+                        f"its network options: {', '.join(known) or 'none'}")
+
+
 def build_network(arch: str, weights: Any = None, **options: Any) -> tuple[CoordinateNet, dict]:
     """The ``arch`` network with ``weights``: a pretrained name, a path, a state dict,
     ``"untrained"`` (a seeded default initialisation), or ``None`` (the default pretrained
-    weights, :data:`DEFAULT_WEIGHTS`; untrained with a warning if they are missing).
-    Returns ``(net, info)``."""
-    if arch not in NETWORKS:
-        raise ValueError(f"unknown architecture {arch!r}; known: {', '.join(NETWORKS)}")
-    Net = NETWORKS[arch]
+    weights, the architecture's ``default_weights``; untrained with a warning if they are
+    missing). Returns ``(net, info)``."""
+    spec = get_architecture(arch)
+    Net = spec.network
+    _check_options(spec, options)
     info: dict[str, Any] = {"arch": arch}
     if weights is None:
         try:
-            return build_network(arch, DEFAULT_WEIGHTS[arch], **options)
+            if spec.default_weights is None:
+                raise FileNotFoundError
+            return build_network(arch, spec.default_weights, **options)
         except FileNotFoundError:
             warnings.warn(
-                f"no pretrained weights are shipped for {ARCH_NAMES[arch]} yet: using an untrained "
+                f"no pretrained weights are shipped for {spec.display_name} yet: using an untrained "
                 "network (weights='untrained' to silence this; train with torch_l2o.meta_train)",
                 UserWarning, stacklevel=3,
             )
@@ -174,8 +188,7 @@ def build_network(arch: str, weights: Any = None, **options: Any) -> tuple[Coord
         path = _resolve_path(arch, str(weights))
         tensors, meta, card = read_weights(path)
         if meta.get("arch", arch) != arch:
-            raise ValueError(f"{path} holds {ARCH_NAMES.get(meta['arch'], meta['arch'])} weights, "
-                             f"not {ARCH_NAMES[arch]}")
+            raise ValueError(f"{path} holds {_display(meta['arch'])} weights, not {spec.display_name}")
         config = json.loads(meta.get("config", "{}"))
         clash = {k: (v, config[k]) for k, v in options.items() if k in config and config[k] != v}
         if clash:

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import torch
 
-from torch_l2o.nets import NETWORKS
 from torch_l2o.problems import Lasso
+from torch_l2o.registry import get_architecture
 from torch_l2o.weights import available_weights, build_network
 
 from suites.composite import compare, ood_patches
 
-ABLATION = ("L2O-PA", "L2O-PA-GRU", "L2O-PA-MR")
+ABLATION = ("pa", "pagru", "pamr")
 EXTRA = {"L2O-PA-MR (across coordinates)": ("pamr", "lasso-coordinates", {})}
 
 
@@ -25,7 +25,7 @@ def _counts() -> list[dict]:
         if weights in available_weights(arch):
             net, _ = build_network(arch, weights)
         else:  # not trained yet: count the untrained network of the same configuration
-            net = NETWORKS[arch](**opts)
+            net = get_architecture(arch).network(**opts)
         rows.append({"model": label, "parameters": sum(p.numel() for p in net.parameters()),
                      "config": net.config(), "weights shipped": weights in available_weights(arch)})
     return rows
@@ -53,7 +53,8 @@ def _rows(cfg, name, previous_suite, problem):
     prev = getattr(cfg, "previous", {}).get(previous_suite)
     if prev is not None:
         table = next(iter(prev["tables"].values()))
-        rows = [r for r in table if r["method"] in ABLATION]
+        labels = {get_architecture(a).display_name for a in ABLATION}
+        rows = [r for r in table if r["method"] in labels]
         extra = compare(name, problem, cfg, "lasso", learned=(), baselines=False, extra=EXTRA)
         return rows + extra["tables"][name], extra["plots"]
     res = compare(name, problem, cfg, "lasso", learned=ABLATION, baselines=False, extra=EXTRA)

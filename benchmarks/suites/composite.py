@@ -16,14 +16,12 @@ from tqdm import tqdm
 import torch_l2o
 from torch_l2o.problems import Lasso, LogisticL1, reference_solve
 from torch_l2o.problems.real import image_patch_lasso, sklearn_logistic, uci_logistic
+from torch_l2o.registry import get_architecture
 from torch_l2o.weights import available_weights
 
-from bench_lib import Trace, plot_traces, run_method
+from bench_lib import Trace, plot_traces, run_method, shipped
 
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)
-LEARNED = {"L2O-DM": "l2odm", "RNNProp": "rnnprop", "L2O-PA": "pa", "L2O-PA-GRU": "pagru", "L2O-PA-MR": "pamr"}
-CLASSES = {"l2odm": torch_l2o.L2ODM, "rnnprop": torch_l2o.RNNProp, "pa": torch_l2o.PA,
-           "pagru": torch_l2o.PAGRU, "pamr": torch_l2o.PAMR}
 
 
 def tune_adam(problem, F_star, cfg, iters) -> float:
@@ -37,7 +35,7 @@ def tune_adam(problem, F_star, cfg, iters) -> float:
     return best[1]
 
 
-def methods(problem, cfg, weights: str, adam_lr: float | None, learned=tuple(LEARNED), baselines=True,
+def methods(problem, cfg, weights: str, adam_lr: float | None, learned=None, baselines=True,
             extra: dict | None = None) -> list[tuple[str, callable, dict]]:
     """The methods to compare on ``problem``: (label, optimizer factory, run_method options)."""
     lam = problem.prox_params["lam"]
@@ -54,19 +52,15 @@ def methods(problem, cfg, weights: str, adam_lr: float | None, learned=tuple(LEA
         if adam_lr is not None:
             out.append((f"Adam (lr {adam_lr:g}, tuned)", lambda ps: torch.optim.Adam(ps, lr=adam_lr),
                         {"composite_loss": True}))
-    for label in learned:
-        arch = LEARNED[label]
-        if weights not in available_weights(arch):
-            continue
-        cls = CLASSES[arch]
-        if arch in ("l2odm", "rnnprop"):
+    for label, arch, cls in shipped(weights, learned):  # learned: architectures (default: all trained on it)
+        if not get_architecture(arch).applies_prox:
             out.append((label, lambda ps, cls=cls: cls(ps, weights=weights), {"composite_loss": True}))
         else:
             out.append((label, lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, lr=s, weights=weights,
                                                        instance_dims=k), {}))
     for label, (arch, w, opts) in (extra or {}).items():
         if w in available_weights(arch):
-            cls = CLASSES[arch]
+            cls = get_architecture(arch).optimizer
             out.append((label, lambda ps, cls=cls, w=w, opts=opts: cls(ps, prox="l1", lam=lam, lr=s, weights=w,
                                                                        instance_dims=k, **opts),
                         {"closure": bool(opts.get("safeguard"))}))

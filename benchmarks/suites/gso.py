@@ -29,6 +29,7 @@ import torch
 from tqdm import tqdm
 
 import torch_l2o
+from torch_l2o.baselines import soft_impute
 from torch_l2o.problems import GaussianMixture, MatrixCompletion
 from torch_l2o.weights import available_weights
 
@@ -77,14 +78,14 @@ def _mc_row(label, fam, cfg, n_test, have_gso):
     test = fam.sample(n_test, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
     tune = fam.sample(max(8, n_test // 4), generator=torch.Generator().manual_seed(cfg.seed + 1), dtype=torch.float64)
     ridge = min(RIDGES, key=lambda r: float(tune.metric(*tune.als(r)).mean()))
-    tau = min(TAUS, key=lambda t: float(tune.rmse(tune.soft_impute(t, 150)).mean()))
+    tau = min(TAUS, key=lambda t: float(tune.rmse(soft_impute(tune, t, 150)).mean()))
     t32 = tune.to(torch.float32)
     adam_lr = min(ADAM_LRS, key=lambda lr: float(t32.metric(*_adam(t32, lr, 1000)).mean()))
     p32 = test.to(torch.float32)
     row = {"setting": label,
            "GSO (ours)": float(p32.metric(*_gso_run(p32, "mc")).mean()) if have_gso else None,
            "ALS, tuned ridge": float(test.metric(*test.als(ridge)).mean()),
-           "soft-impute, tuned tau": float(test.rmse(test.soft_impute(tau)).mean()),
+           "soft-impute, tuned tau": float(test.rmse(soft_impute(test, tau)).mean()),
            "Adam joint, tuned lr": float(p32.metric(*_adam(p32, adam_lr)).mean()),
            "ALS, lam 1e-3 (paper)": float(test.metric(*test.als(1e-3)).mean()),
            "alternating GD, lr 1e-3 (paper)": float(p32.metric(*_alt_gd(p32)).mean()),

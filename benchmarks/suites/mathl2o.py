@@ -22,6 +22,8 @@ import torch_l2o
 from torch_l2o.problems import LeastSquares
 from torch_l2o.weights import available_weights, build_network
 
+from bench_lib import shipped
+
 ADAM = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
 
 
@@ -102,9 +104,8 @@ def run(cfg) -> dict:
         methods["Math-L2O GD (shipped)"] = lambda ps: torch_l2o.MathGD(ps, lr=s, weights="qp")
         if not full:
             notes.append("the shipped Math-L2O weights were trained on 400 x 512; quick runs test them on 100 x 128")
-    for label, cls, arch in (("L2O-PA (LASSO weights)", torch_l2o.PA, "pa"), ("L2O-PA-MR (LASSO weights)", torch_l2o.PAMR, "pamr")):
-        if "lasso" in available_weights(arch):
-            methods[label] = lambda ps, cls=cls: cls(ps, lr=s, weights="lasso", instance_dims=1)
+    for label, _, cls in shipped("lasso", ("pa", "pamr")):
+        methods[f"{label} (LASSO weights)"] = lambda ps, cls=cls: cls(ps, lr=s, weights="lasso", instance_dims=1)
     table = _compare(prob, methods)
 
     # ablation over e: the same small budget for every e

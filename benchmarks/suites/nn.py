@@ -9,9 +9,9 @@ import time
 import torch
 from tqdm import tqdm
 
-import torch_l2o
 from torch_l2o.problems import MLPFamily
-from torch_l2o.weights import available_weights
+
+from bench_lib import shipped
 
 ADAM_GRID = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1)
 SGD_GRID = (0.1, 0.3, 1.0, 3.0, 10.0)
@@ -44,9 +44,8 @@ def _suite(name, family, cfg, iters):
     a, s = tuned(torch.optim.Adam, ADAM_GRID), tuned(torch.optim.SGD, SGD_GRID)
     methods = {f"Adam (lr {a:g}, tuned)": lambda ps: torch.optim.Adam(ps, lr=a),
                f"SGD (lr {s:g}, tuned)": lambda ps: torch.optim.SGD(ps, lr=s)}
-    for label, cls, arch in (("L2O-DM", torch_l2o.L2ODM, "l2odm"), ("RNNProp", torch_l2o.RNNProp, "rnnprop")):
-        if "mlp" in available_weights(arch):
-            methods[label] = lambda ps, cls=cls: cls(ps, weights="mlp")
+    for label, _, cls in shipped("mlp"):
+        methods[label] = lambda ps, cls=cls: cls(ps, weights="mlp")
     rows, curves = [], {}
     for label, make in tqdm(methods.items(), desc=name, leave=False):
         losses, acc, sec = _loss_curve(prob, make, iters)

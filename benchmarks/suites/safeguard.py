@@ -15,9 +15,8 @@ from tqdm import tqdm
 
 import torch_l2o
 from torch_l2o.problems import Lasso, LassoProblem, reference_solve
-from torch_l2o.weights import available_weights
 
-from bench_lib import run_method
+from bench_lib import run_method, shipped
 
 
 def _variants(cfg):
@@ -36,8 +35,7 @@ def _variants(cfg):
 def run(cfg) -> dict:
     iters = 1000 if cfg.full else 300
     rows = []
-    learned = [(lbl, cls) for lbl, cls, arch in (("L2O-PA", torch_l2o.PA, "pa"), ("L2O-PA-MR", torch_l2o.PAMR, "pamr"))
-               if "lasso" in available_weights(arch)]
+    learned = [(lbl, cls) for lbl, _, cls in shipped("lasso", ("pa", "pamr"))]
     for name, prob in tqdm(list(_variants(cfg)), desc="safeguard", leave=False):
         sol = reference_solve(prob, max_iter=20_000)
         lam = prob.prox_params["lam"]

@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 import torch_l2o
 from torch_l2o.problems import Lasso, mean_relative_error, reference_solve
-from torch_l2o.weights import available_weights
 
-from bench_lib import run_method
+from bench_lib import run_method, shipped
 
 TOLS = (1e-4, 1e-6)
 SK_TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10)
@@ -80,10 +79,9 @@ def run(cfg) -> dict:
             "FISTA": lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.1, lr=s),
             "FISTA-restart": lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.1, lr=s, restart=True),
         }
-        for label, cls, arch in (("L2O-PA", torch_l2o.PA, "pa"), ("L2O-PA-MR", torch_l2o.PAMR, "pamr")):
-            if "lasso" in available_weights(arch):
-                torch_methods[label] = lambda ps, cls=cls: cls(ps, prox="l1", lam=0.1, lr=s, weights="lasso",
-                                                               instance_dims=1)
+        for label, _, cls in shipped("lasso", ("pa", "pamr")):
+            torch_methods[label] = lambda ps, cls=cls: cls(ps, prox="l1", lam=0.1, lr=s, weights="lasso",
+                                                           instance_dims=1)
         iters = (400 if m <= 1000 else 600) if cfg.full else 250  # FISTA needs ~100 to 1e-6 here
         for label, make in torch_methods.items():
             tr = run_method(label, prob, F_star, make, iters, device=cfg.device)

@@ -5,6 +5,17 @@ classes call them in place under ``no_grad`` (``inplace=True``: the fused kernel
 CUDA); meta-training calls the same functions out of place, differentiably. Batched:
 a ``(B, n)`` iterate holds ``B`` instances when per-instance quantities (``lr``,
 ``t``) are shaped ``(B, 1)``.
+
+The learned updates share one signature (what :mod:`torch_l2o.registry` registers)::
+
+    update(net, state, ys, gs, xs, *, lr, prox, params, step, instance_dims, inplace)
+        -> (xs_new, ys_new, state_new)
+
+``ys`` (gradient points), ``gs`` (their gradients) and ``xs`` (prox iterates; the
+``ys`` themselves for updates that do not extrapolate) are lists of tensors that run
+as one batch of coordinates: the network is called once on all of them, its state
+``state`` holding every coordinate in list order. ``lr`` is one value for all tensors
+or a list with one per tensor; ``step`` counts the steps taken before this one.
 """
 
 from __future__ import annotations
@@ -17,7 +28,7 @@ from torch import Tensor
 from ..kernels import prox_grad_step
 from .stepsize import instance_shape, instance_sum
 
-__all__ = ["ista_update", "fista_update", "fista_momentum"]
+__all__ = ["ista_update", "fista_update", "fista_momentum", "pa_update", "dm_update", "rnnprop_update", "mathgd_update"]
 
 
 def ista_update(
@@ -80,9 +91,10 @@ def fista_update(
 
 
 # ---------------------------------------------------------------- learned optimizers
-# (network, recurrent state, gradient, iterates, hyper-parameters) -> (iterates, state).
 # Features are detached: the network sees the optimization, it is not differentiated
 # through its inputs; meta-training differentiates through its outputs (p, a, the update).
+
+Lr = float | Tensor
 
 
 def _instances(y: Tensor, instance_dims: int) -> int:
@@ -92,11 +104,30 @@ def _instances(y: Tensor, instance_dims: int) -> int:
     return n
 
 
+def _flat(ts: Sequence[Tensor]) -> Tensor:
+    """The tensors' elements as one detached vector, in list order (no copy for one tensor)."""
+    if len(ts) == 1:
+        return ts[0].detach().reshape(-1)
+    return torch.cat([t.detach().reshape(-1) for t in ts])
+
+
+def _split(v: Tensor, like: Sequence[Tensor]) -> list[Tensor]:
+    """A per-coordinate vector back into tensors shaped as ``like``."""
+    if len(like) == 1:
+        return [v.view(like[0].shape)]
+    return [u.view(t.shape) for u, t in zip(v.split([t.numel() for t in like]), like)]
+
+
+def _lrs(lr: Lr | Sequence[Lr], n: int) -> Sequence[Lr]:
+    return lr if isinstance(lr, (list, tuple)) else [lr] * n
+
+
 def pa_update(
-    net, state: dict, y: Tensor, g: Tensor, x: Tensor, *, lr: float | Tensor, prox: str = "none",
-    params: Mapping[str, Any] | None = None, instance_dims: int = 0, inplace: bool = False,
-) -> tuple[Tensor, Tensor, dict]:
-    r"""L2O-PA, L2O-PA-GRU and L2O-PA-MR (they differ only in ``net``); returns ``(x+, y+, state+)``.
+    net, state: dict, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,
+    lr: Lr | Sequence[Lr], prox: str = "none", params: Mapping[str, Any] | None = None, step: int = 0,
+    instance_dims: int = 0, inplace: bool = False,
+) -> tuple[list[Tensor], list[Tensor], dict]:
+    r"""L2O-PA, L2O-PA-GRU and L2O-PA-MR (they differ only in ``net``).
 
     .. math::
         (p_k, a_k), h_k = \mathrm{net}([\nabla f(y_k), y_k], h_{k-1}),\quad
@@ -105,51 +136,61 @@ def pa_update(
 
     with ``s = lr`` (``0.9999 / L``), ``p_k, a_k`` in (0, 2) per coordinate.
     """
-    feats = torch.stack([g.detach().reshape(-1), y.detach().reshape(-1)], -1).float()
-    (p, a), new_state = net(feats, state, instances=_instances(y, instance_dims))
-    x_new, y_new = prox_grad_step(y, g, x, lr=lr, p=p.view(y.shape), a=a.view(y.shape), prox=prox,
-                                  params=params, inplace=inplace)
-    return x_new, y_new, new_state
+    feats = torch.stack([_flat(gs), _flat(ys)], -1).float()
+    (p, a), new_state = net(feats, state, instances=_instances(ys[0], instance_dims))
+    out = [prox_grad_step(y, g, x, lr=s, p=pi, a=ai, prox=prox, params=params, inplace=inplace)
+           for y, g, x, s, pi, ai in zip(ys, gs, xs, _lrs(lr, len(ys)), _split(p, ys), _split(a, ys))]
+    return [o[0] for o in out], [o[1] for o in out], new_state
 
 
-def dm_update(net, state: dict, y: Tensor, g: Tensor, *, lr: float | Tensor = 1.0, prox: str = "none",
-              params: Mapping[str, Any] | None = None, inplace: bool = False) -> tuple[Tensor, dict]:
+def dm_update(
+    net, state: dict, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,
+    lr: Lr | Sequence[Lr] = 1.0, prox: str = "none", params: Mapping[str, Any] | None = None, step: int = 0,
+    instance_dims: int = 0, inplace: bool = False,
+) -> tuple[list[Tensor], list[Tensor], dict]:
     r"""L2O-DM (Andrychowicz et al. 2016): :math:`x_{k+1} = \operatorname{prox}_{\mathrm{lr}\,r}
     (x_k + \mathrm{lr}\cdot m(\nabla f(x_k)))`; the prox is the identity for L2O-DM itself
-    and a block's prox for GSO."""
-    feats = net.features(g.detach().reshape(-1).float(), y.detach().reshape(-1).float())
-    out, new_state = net(feats, state)
+    and a block's prox for GSO. No extrapolation: ``xs`` are the ``ys``."""
+    out, new_state = net(net.features(_flat(gs).float(), _flat(ys).float()), state)
     # x + lr * out is a gradient step along -out: the same fused step as every optimizer
-    x_new, _ = prox_grad_step(y, -out.view(y.shape).to(y.dtype), y, lr=lr, prox=prox, params=params,
-                              inplace=inplace)
-    return x_new, new_state
+    xs_new = [prox_grad_step(y, -o.to(y.dtype), x, lr=s, prox=prox, params=params, inplace=inplace)[0]
+              for y, x, s, o in zip(ys, xs, _lrs(lr, len(ys)), _split(out, ys))]
+    return xs_new, xs_new, new_state
 
 
-def rnnprop_update(net, state: dict, y: Tensor, g: Tensor, *, lr: float | Tensor = 1.0, step: int,
-                   betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
-                   inplace: bool = False) -> tuple[Tensor, dict]:
+def rnnprop_update(
+    net, state: dict, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,
+    lr: Lr | Sequence[Lr] = 1.0, prox: str = "none", params: Mapping[str, Any] | None = None, step: int = 0,
+    instance_dims: int = 0, inplace: bool = False, betas: tuple[float, float] = (0.95, 0.95), eps: float = 1e-8,
+) -> tuple[list[Tensor], list[Tensor], dict]:
     r"""RNNProp (Lv et al. 2017): bias-corrected moments :math:`\hat m, \hat v` (beta 0.95),
     :math:`x_{k+1} = x_k - 0.1\,\mathrm{lr}\tanh(m([g / (\sqrt{\hat v} + \epsilon),
-    \hat m / (\sqrt{\hat v} + \epsilon)]))`. ``step`` counts the steps taken before this one."""
+    \hat m / (\sqrt{\hat v} + \epsilon)]))`. It applies no prox (``prox`` must be
+    ``"none"``); no extrapolation: ``xs`` are the ``ys``."""
     b1, b2 = betas
-    gf = g.detach().reshape(-1).float()
+    gf = _flat(gs).float()
     m = b1 * state["m"] + (1 - b1) * gf
     v = b2 * state["v"] + (1 - b2) * gf * gf
     m_hat = m / (1 - b1 ** (step + 1))
     denom = torch.sqrt(v / (1 - b2 ** (step + 1))) + eps
     net_state = {k: t for k, t in state.items() if k not in ("m", "v")}
     out, new_state = net(torch.stack([gf / denom, m_hat / denom], -1), net_state)
-    x_new, _ = prox_grad_step(y, (0.1 * out).view(y.shape).to(y.dtype), y, lr=lr, inplace=inplace)
+    xs_new = [prox_grad_step(y, (0.1 * o).to(y.dtype), x, lr=s, inplace=inplace)[0]
+              for y, x, s, o in zip(ys, xs, _lrs(lr, len(ys)), _split(out, ys))]
     new_state.update(m=m, v=v)
-    return x_new, new_state
+    return xs_new, xs_new, new_state
 
 
-def mathgd_update(net, y: Tensor, g: Tensor, *, lr: float | Tensor, prox: str = "none",
-                  params: Mapping[str, Any] | None = None, inplace: bool = False) -> Tensor:
+def mathgd_update(
+    net, state: dict, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,
+    lr: Lr | Sequence[Lr], prox: str = "none", params: Mapping[str, Any] | None = None, step: int = 0,
+    instance_dims: int = 0, inplace: bool = False,
+) -> tuple[list[Tensor], list[Tensor], dict]:
     r"""Math-L2O learned gradient descent (Song, Lin, Xu 2025):
     :math:`x_{k+1} = \operatorname{prox}_{s P_k r}(x_k - s P_k \nabla f(x_k))`,
-    :math:`P_k = \mathrm{net}([\nabla f(x_k), x_k]) \in (0, 2)` per coordinate, ``s = lr``."""
-    feats = torch.stack([g.detach().reshape(-1), y.detach().reshape(-1)], -1).float()
-    p, _ = net(feats, {})
-    x_new, _ = prox_grad_step(y, g, y, lr=lr, p=p.view(y.shape), a=0.0, prox=prox, params=params, inplace=inplace)
-    return x_new
+    :math:`P_k = \mathrm{net}([\nabla f(x_k), x_k]) \in (0, 2)` per coordinate, ``s = lr``.
+    No recurrent state (``state`` is ``{}``), no extrapolation: ``xs`` are the ``ys``."""
+    p, _ = net(torch.stack([_flat(gs), _flat(ys)], -1).float(), {})
+    xs_new = [prox_grad_step(y, g, x, lr=s, p=pi, a=0.0, prox=prox, params=params, inplace=inplace)[0]
+              for y, g, x, s, pi in zip(ys, gs, xs, _lrs(lr, len(ys)), _split(p, ys))]
+    return xs_new, xs_new, state

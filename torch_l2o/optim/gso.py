@@ -6,13 +6,12 @@ from typing import Any, Iterable
 
 import torch
 
-from .functional import dm_update
-from .learned import LearnedOptimizer
+from .learned import LearnedOptimizer, OutputLearnedOptimizer
 
 __all__ = ["GSO"]
 
 
-class GSO(LearnedOptimizer):
+class GSO(OutputLearnedOptimizer):
     r"""Global Scope Optimization (Xiong et al., seed 003): alternate learned steps over the
     variable blocks, each block with its own coordinate-wise LSTM meta-learner, all
     meta-trained on the *global* loss.
@@ -55,8 +54,9 @@ class GSO(LearnedOptimizer):
             raise ValueError(f"inner_steps must be an int >= 1, got {inner_steps!r}")
         blocks = len(params) if params and isinstance(params[0], dict) else 1
         options.setdefault("blocks", blocks)
-        super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, inner_steps=inner_steps,
-                                      instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
+        LearnedOptimizer.__init__(self, params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
+                                                     inner_steps=inner_steps, instance_dims=instance_dims,
+                                                     nonfinite=nonfinite), weights, **options)
         if len(self.param_groups) != len(self.net.nets):
             raise ValueError(f"GSO has {len(self.net.nets)} block networks but {len(self.param_groups)} param groups; "
                              "give one param group per block")
@@ -66,11 +66,6 @@ class GSO(LearnedOptimizer):
         if hasattr(self, "_moved"):
             raise RuntimeError("GSO's blocks are fixed at construction: one param group per block network")
         super().add_param_group(param_group)
-
-    def _check_group(self, group) -> None:
-        if group["lr"] is None:
-            raise ValueError("GSO: lr scales the networks' output and cannot be None (default 1.0)")
-        super()._check_group(group)
 
     # ------------------------------------------------------------ schedule
 
@@ -84,15 +79,9 @@ class GSO(LearnedOptimizer):
         return self._schedule()["block"]
 
     def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
-        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
-        if gi != self.active_block:
+        if self._group_index(group) != self.active_block:
             return
-        net = self._net_on(ps[0].device).nets[gi]
-        for p, g, s, lr in zip(ps, gs, states, lrs):
-            _, new = dm_update(net, self._net_state(s), p, g, lr=lr, prox=group["prox"], params=prox_params,
-                               inplace=True)
-            s.update(new)
-            s["step"] += 1
+        super()._update(group, ps, gs, states, lrs, prox_params, ctx)  # the active block's own network
         self._moved = True
 
     @torch.no_grad()

@@ -1,9 +1,12 @@
 """The learned optimizers as ``torch.optim`` optimizers.
 
-Each drives a small coordinate-wise network (:mod:`torch_l2o.nets`) through one pure
-update function (:mod:`torch_l2o.optim.functional`), the same function meta-training
-differentiates. The network's recurrent state lives per parameter in ``self.state``,
-float32 whatever the parameter's dtype, and starts at zero.
+Each drives a small coordinate-wise network (:mod:`torch_l2o.nets`) through its
+architecture's pure update function (:mod:`torch_l2o.optim.functional`), the same
+function meta-training differentiates; both are looked up in :mod:`torch_l2o.registry`.
+One step calls the network once per param group (per batch of the group's tensors
+that share device, dtype and step count), like ``torch.optim``'s multi-tensor paths.
+The network's recurrent state lives per parameter in ``self.state``, float32 whatever
+the parameter's dtype, and starts at zero.
 """
 
 from __future__ import annotations
@@ -12,17 +15,42 @@ import copy
 from typing import Any, Iterable
 
 import torch
+from torch import Tensor
 
-from ..weights import ARCH_NAMES, build_network
+from ..registry import Architecture, get_architecture
+from ..weights import build_network
 from .base import ProxOptimizer
-from .functional import dm_update, mathgd_update, pa_update, rnnprop_update
 from .safeguard import safeguarded_step
 
-__all__ = ["LearnedOptimizer", "PA", "PAGRU", "PAMR", "L2ODM", "RNNProp", "MathGD"]
+__all__ = ["LearnedOptimizer", "ProxLearnedOptimizer", "OutputLearnedOptimizer", "PA", "PAGRU", "PAMR", "L2ODM",
+           "RNNProp", "MathGD"]
+
+
+def gather_state(dims: dict[str, int | None], states: list[dict]) -> dict[str, Tensor]:
+    """The network state of several parameters as one batch of coordinates, in order."""
+    if len(states) == 1:
+        return {k: states[0][k] for k in dims}
+    return {k: torch.cat([s[k] for s in states], d) if d is not None else states[0][k] for k, d in dims.items()}
+
+
+def scatter_state(dims: dict[str, int | None], new: dict[str, Tensor], states: list[dict], sizes: list[int]) -> None:
+    """Write a batch's new network state back into each parameter's state (own storage:
+    a view of the batch would make ``state_dict`` save the whole batch per parameter)."""
+    if len(states) == 1:
+        states[0].update(new)
+        return
+    for k, v in new.items():
+        d = dims[k]
+        parts = v.split(sizes, d) if d is not None else [v] * len(states)
+        for s, part in zip(states, parts):
+            s[k] = part.clone(memory_format=torch.contiguous_format) if d is not None else part
 
 
 class LearnedOptimizer(ProxOptimizer):
     """Base of the learned optimizers: owns the network and its per-parameter state.
+
+    Subclasses name their architecture (``arch``, a key of :mod:`torch_l2o.registry`);
+    the update rule, the network and the default weights come from its entry.
 
     Args (besides those of :class:`~torch_l2o.optim.base.ProxOptimizer`):
         weights: a pretrained name (``"lasso"``, ``"logistic"``, ...), a path to a
@@ -35,8 +63,9 @@ class LearnedOptimizer(ProxOptimizer):
     arch: str = ""
 
     def __init__(self, params: Iterable, defaults: dict[str, Any], weights: Any = None, **options: Any) -> None:
+        self.architecture: Architecture = get_architecture(self.arch)
         self.net, self.weights_info = build_network(self.arch, weights, **options)
-        self._net_keys = tuple(self.net.init_state(0))
+        self._dims = self.net.coordinate_dims()
         self._nets: dict[torch.device, torch.nn.Module] = {}
         super().__init__(params, defaults)
 
@@ -45,20 +74,80 @@ class LearnedOptimizer(ProxOptimizer):
             self._nets[device] = copy.deepcopy(self.net).to(device)
         return self._nets[device]
 
-    def _init_state(self, group, ps, states) -> None:
-        super()._init_state(group, ps, states)
-        for p, s in zip(ps, states):
-            if self._net_keys[0] not in s:
-                s.update(self.net.init_state(p.numel(), p.device))
+    def _group_index(self, group) -> int:
+        return next(i for i, g in enumerate(self.param_groups) if g is group)
 
-    def _net_state(self, s: dict) -> dict:
-        return {k: s[k] for k in self._net_keys}
+    def _init_state(self, group, ps, states) -> None:
+        net = self.net.block(self._group_index(group))
+        for p, s in zip(ps, states):
+            if "step" in s:
+                continue
+            s["step"] = 0
+            s.update(net.init_state(p.numel(), p.device))
+            if self.architecture.extrapolates:
+                s["x"] = p.detach().clone()
+
+    def _batches(self, ps, states) -> list[list[int]]:
+        """Indices of the tensors that run as one network call: same device, dtype and
+        step count (state shared by all coordinates, such as PA-MR's window fill, is
+        then the same); one tensor per call when the network mixes coordinates."""
+        if not self.net.coordinatewise:
+            return [[i] for i in range(len(ps))]
+        batches: dict[tuple, list[int]] = {}
+        for i, (p, s) in enumerate(zip(ps, states)):
+            batches.setdefault((p.device, p.dtype, s["step"]), []).append(i)
+        return list(batches.values())
+
+    def _run(self, group, ps, gs, states, lrs, prox_params, inplace: bool):
+        """The update over the group, one network call per batch. Returns the new
+        ``xs``, ``ys`` (written in place when ``inplace``) and the batches' new network
+        states, to be committed with :func:`scatter_state`."""
+        gi = self._group_index(group)
+        xs_all: list[Tensor] = [None] * len(ps)  # type: ignore[list-item]
+        ys_all: list[Tensor] = [None] * len(ps)  # type: ignore[list-item]
+        commits = []
+        for idx in self._batches(ps, states):
+            P, S = [ps[i] for i in idx], [states[i] for i in idx]
+            net = self._net_on(P[0].device).block(gi)
+            xs = [s["x"] for s in S] if self.architecture.extrapolates else P
+            xn, yn, new = self.architecture.update(
+                net, gather_state(self._dims, S), P, [gs[i] for i in idx], xs, lr=[lrs[i] for i in idx],
+                prox=group["prox"], params=prox_params, step=S[0]["step"], instance_dims=group["instance_dims"],
+                inplace=inplace)
+            for j, i in enumerate(idx):
+                xs_all[i], ys_all[i] = xn[j], yn[j]
+            commits.append((S, new, [p.numel() for p in P]))
+        return xs_all, ys_all, commits
+
+    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
+        if group.get("safeguard"):
+            commits = []
+
+            def propose(grads):
+                xs, ys, commits[:] = self._run(group, ps, grads, states, lrs, prox_params, inplace=False)
+                return xs, ys
+
+            safeguarded_step(ps, gs, states, lrs, group["prox"], prox_params, group["instance_dims"],
+                             ctx["closure"], ctx["loss"], propose)
+        else:
+            _, _, commits = self._run(group, ps, gs, states, lrs, prox_params, inplace=True)
+        for S, new, sizes in commits:
+            scatter_state(self._dims, new, S, sizes)
+        for s in states:
+            s["step"] += 1
 
     def __repr__(self) -> str:
-        return f"{ARCH_NAMES[self.arch]} ({self.weights_info.get('weights')})\n" + super().__repr__()
+        return f"{self.architecture.display_name} ({self.weights_info.get('weights')})\n" + super().__repr__()
 
 
-class _PAFamily(LearnedOptimizer):
+class ProxLearnedOptimizer(LearnedOptimizer):
+    """A learned optimizer whose ``lr`` is the base step ``s = 1/L`` (``None``: estimated)
+    and that applies the prox of ``r`` (the PA family, MathGD, and by default an
+    architecture you register). ``safeguard=True`` (extrapolating architectures, with
+    ``step(closure)``) accepts a learned step only where it decreases ``F`` as much as
+    ISTA would guarantee (:mod:`torch_l2o.optim.safeguard`)."""
+
+    # lr=None: the network's p in (0, 2) scales the step, so half the estimated 1/L
     auto_lr_scale = 0.5
 
     def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
@@ -67,32 +156,37 @@ class _PAFamily(LearnedOptimizer):
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, safeguard=safeguard,
                                       instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
 
-    def _init_state(self, group, ps, states) -> None:
-        super()._init_state(group, ps, states)
-        for p, s in zip(ps, states):
-            if "x" not in s:
-                s["x"] = p.detach().clone()
-
-    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
-        k = group["instance_dims"]
-        if group["safeguard"]:
-            def propose(grads):
-                out = [pa_update(self._net_on(p.device), self._net_state(s), p.detach(), g, s["x"], lr=lr,
-                                 prox=group["prox"], params=prox_params, instance_dims=k)
-                       for p, g, s, lr in zip(ps, grads, states, lrs)]
-                return [o[0] for o in out], [o[1] for o in out], [o[2] for o in out]
-
-            safeguarded_step(ps, gs, states, lrs, group["prox"], prox_params, k, ctx["closure"], ctx["loss"], propose)
-        else:
-            for p, g, s, lr in zip(ps, gs, states, lrs):
-                _, _, new = pa_update(self._net_on(p.device), self._net_state(s), p, g, s["x"], lr=lr,
-                                      prox=group["prox"], params=prox_params, instance_dims=k, inplace=True)
-                s.update(new)
-        for s in states:
-            s["step"] += 1
+    def _check_group(self, group) -> None:
+        if group.get("safeguard") and not self.architecture.extrapolates:
+            raise ValueError(f"{type(self).__name__}: safeguard=True needs an architecture with a prox iterate "
+                             f"apart from the gradient point; {self.architecture.display_name} has none")
+        super()._check_group(group)
 
 
-class PA(_PAFamily):
+class OutputLearnedOptimizer(LearnedOptimizer):
+    """A learned optimizer whose ``lr`` scales the network's output (default 1): L2O-DM,
+    RNNProp, GSO. Architectures that apply no prox refuse one: give them the
+    subgradient of ``F = f + r``."""
+
+    def __init__(self, params: Iterable, lr: float = 1.0, *, prox: str = "none", lam: float = 0.0,
+                 prox_params: dict | None = None, weights: Any = None, instance_dims: int | None = None,
+                 nonfinite: str = "raise", **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
+                                      instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
+
+    def _check_group(self, group) -> None:
+        name = type(self).__name__
+        if group["prox"] != "none" and not self.architecture.applies_prox:
+            raise ValueError(
+                f"{name} learns an unconstrained update and applies no prox; for a composite "
+                f"objective backpropagate F = f + r (its subgradient), or use PA / PAMR with prox={group['prox']!r}"
+            )
+        if group["lr"] is None:
+            raise ValueError(f"{name}: lr scales the network's output and cannot be None (default 1.0)")
+        super()._check_group(group)
+
+
+class PA(ProxLearnedOptimizer):
     r"""L2O-PA (Liu, Chen, Wang, Yin, Cai, "Towards constituting mathematical structures
     for learning to optimize", ICML 2023): a learned, per-coordinate proximal gradient
     step with learned extrapolation.
@@ -114,14 +208,14 @@ class PA(_PAFamily):
     arch = "pa"
 
 
-class PAGRU(_PAFamily):
+class PAGRU(ProxLearnedOptimizer):
     r"""L2O-PA-GRU: L2O-PA with a 2 x 16 GRU instead of the LSTM (the ablation of Liu, 2026,
     seed 000). Same update as :class:`PA`; 2,898 parameters."""
 
     arch = "pagru"
 
 
-class PAMR(_PAFamily):
+class PAMR(ProxLearnedOptimizer):
     r"""L2O-PA-MR (Liu, "Enhancing the generalization ability of learning-based optimizers
     through GRU and multi-head attention", 2026): L2O-PA's update with a GRU, multi-head
     attention and feed-forward blocks.
@@ -141,28 +235,7 @@ class PAMR(_PAFamily):
     arch = "pamr"
 
 
-class _BlackBox(LearnedOptimizer):
-    """L2O-DM and RNNProp: learned updates ``x+ = x + lr * net(...)`` with no prox; ``lr``
-    scales the network's output (default 1)."""
-
-    def __init__(self, params: Iterable, lr: float = 1.0, *, weights: Any = None,
-                 instance_dims: int | None = None, nonfinite: str = "raise", **options: Any) -> None:
-        super().__init__(params, dict(lr=lr, prox="none", lam=0.0, prox_params=None,
-                                      instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
-
-    def _check_group(self, group) -> None:
-        name = type(self).__name__
-        if group["prox"] != "none":
-            raise ValueError(
-                f"{name} learns an unconstrained update and applies no prox; for a composite "
-                f"objective backpropagate F = f + r (its subgradient), or use PA / PAMR with prox={group['prox']!r}"
-            )
-        if group["lr"] is None:
-            raise ValueError(f"{name}: lr scales the network's output and cannot be None (default 1.0)")
-        super()._check_group(group)
-
-
-class L2ODM(_BlackBox):
+class L2ODM(OutputLearnedOptimizer):
     r"""L2O-DM (Andrychowicz et al., "Learning to learn by gradient descent by gradient
     descent", NeurIPS 2016).
 
@@ -177,14 +250,8 @@ class L2ODM(_BlackBox):
 
     arch = "l2odm"
 
-    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
-        for p, g, s, lr in zip(ps, gs, states, lrs):
-            _, new = dm_update(self._net_on(p.device), self._net_state(s), p, g, lr=lr, inplace=True)
-            s.update(new)
-            s["step"] += 1
 
-
-class RNNProp(_BlackBox):
+class RNNProp(OutputLearnedOptimizer):
     r"""RNNProp (Lv, Jiang, Li, "Learning gradient descent: better generalization and longer
     horizons", ICML 2017).
 
@@ -198,23 +265,14 @@ class RNNProp(_BlackBox):
 
     arch = "rnnprop"
 
-    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
-        for p, g, s, lr in zip(ps, gs, states, lrs):
-            _, new = rnnprop_update(self._net_on(p.device), self._net_state(s), p, g, lr=lr, step=s["step"],
-                                    inplace=True)
-            s.update(new)
-            s["step"] += 1
 
-
-class MathGD(LearnedOptimizer):
+class MathGD(ProxLearnedOptimizer):
     r"""Math-L2O learned gradient descent (Song, Lin, Xu, "Learning provably improves the
     convergence of gradient descent", NeurIPS 2025).
 
     .. math::
-        P_k = 2\sigmaig(W_3\,\mathrm{ReLU}(W_2\,\mathrm{ReLU}(W_1 [
-abla f(x_k), x_k]))ig),\quad
-        x_{k+1} = x_k - s\, P_k \odot 
-abla f(x_k)
+        P_k = 2\sigma\big(W_3\,\mathrm{ReLU}(W_2\,\mathrm{ReLU}(W_1 [\nabla f(x_k), x_k]))\big),\quad
+        x_{k+1} = x_k - s\, P_k \odot \nabla f(x_k)
 
     (with a ``prox``: :math:`x_{k+1} = \operatorname{prox}_{s P_k r}(\cdot)`), ``s = lr``
     (``0.9999 / L``; ``None``: estimated). With ``weights="untrained"`` the deterministic
@@ -223,20 +281,3 @@ abla f(x_k)
     """
 
     arch = "mathgd"
-    auto_lr_scale = 0.5
-
-    def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
-                 prox_params: dict | None = None, weights: Any = None, instance_dims: int | None = None,
-                 nonfinite: str = "raise", **options: Any) -> None:
-        super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
-                                      instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
-        self._net_keys = ()
-
-    def _init_state(self, group, ps, states) -> None:
-        for s in states:
-            s.setdefault("step", 0)
-
-    def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
-        for p, g, s, lr in zip(ps, gs, states, lrs):
-            mathgd_update(self._net_on(p.device), p, g, lr=lr, prox=group["prox"], params=prox_params, inplace=True)
-            s["step"] += 1

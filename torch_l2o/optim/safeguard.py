@@ -55,12 +55,12 @@ def safeguarded_step(
     k: int,
     closure: Callable,
     loss,
-    propose: Callable[[Sequence[Tensor]], tuple[list[Tensor], list[Tensor], list[dict]]],
+    propose: Callable[[Sequence[Tensor]], tuple[list[Tensor], list[Tensor]]],
 ) -> None:
     """One safeguarded step of a learned optimizer over one param group, in place.
 
-    ``propose(grads)`` returns the learned proposal ``(xs, ys, net_states)`` without
-    writing anything; ``loss`` is the closure's value at the current parameters (one
+    ``propose(grads)`` returns the learned proposal ``(xs, ys)`` without writing
+    anything (the caller commits the network's new state, kept whichever is taken); ``loss`` is the closure's value at the current parameters (one
     value per instance, or a scalar: then the instances are accepted or refused together).
     """
     if closure is None:
@@ -94,7 +94,7 @@ def safeguarded_step(
     else:
         F_x, T_x = F_now, T_now
 
-    xs_L, ys_L, net_L = propose(grads)
+    xs_L, ys_L = propose(grads)
     f_L, g_L = _evaluate(closure, params, xs_L, k, inst)
     F_L = (f_L if joint else f_L.reshape(shape)) + agg(_r(prox, prox_params, xs_L, k))
     decrease = agg(_sq(T_x, xs, k) / (2 * step))
@@ -104,7 +104,7 @@ def safeguarded_step(
     accept_i = accept.expand(shape) if joint else accept
     T_L = _ista(xs_L, g_L, lrs, prox, prox_params)
     fallbacks = s0.get("fallbacks", torch.zeros(shape, dtype=torch.int64, device=dev)) + (~accept_i).long()
-    for p, g, s, x_l, y_l, t_l, t_x, st in zip(params, grads, states, xs_L, ys_L, T_L, T_x, net_L):
+    for p, g, s, x_l, y_l, t_l, t_x in zip(params, grads, states, xs_L, ys_L, T_L, T_x):
         a = accept_i.reshape(instance_shape(p, k))
         s["x"].copy_(torch.where(a, x_l, t_x))
         p.copy_(torch.where(a, y_l, t_x))  # after a fallback: y = x, no extrapolation
@@ -112,5 +112,4 @@ def safeguarded_step(
         s["sg_F"] = torch.where(accept, F_L, F_x)
         s["sg_stale"] = ~accept_i
         s["fallbacks"] = fallbacks
-        s.update(st)
         p.grad = g  # the gradient at y, as the user's closure left it

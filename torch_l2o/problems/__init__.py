@@ -1,15 +1,16 @@
-"""Problem families: batches of composite problems, their metric and reference solver."""
+"""Problem families: batches of composite problems (single- or multi-block), their metric and
+reference solver."""
 
-from .base import Problem, ProblemFamily, mean_relative_error, optimal_values
+from .base import Problem, ProblemBase, ProblemFamily, mean_relative_error
 from .families import (LeastSquares, LeastSquaresProblem, Lasso, LassoProblem, LogisticL1, LogisticProblem, MLPFamily,
                        MLPProblem)
 from .multiblock import BlockFamily, BlockProblem, GaussianMixture, GaussianMixtureProblem, MatrixCompletion, MatrixCompletionProblem
 from .real import image_patch_lasso, sklearn_logistic, uci_logistic
-from .solve import Solution, kkt_residual, reference_solve
+from .solve import Solution, kkt_residual, optimal_values, reference_solve
 
 __all__ = [
-    "Problem", "ProblemFamily", "mean_relative_error", "optimal_values", "LeastSquares", "LeastSquaresProblem",
-    "Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem",
+    "ProblemBase", "Problem", "ProblemFamily", "mean_relative_error", "optimal_values",
+    "LeastSquares", "LeastSquaresProblem", "Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem",
     "Solution", "kkt_residual", "reference_solve",
     "image_patch_lasso", "uci_logistic", "sklearn_logistic",
     "BlockFamily", "BlockProblem", "MatrixCompletion", "MatrixCompletionProblem", "GaussianMixture",

@@ -1,23 +1,28 @@
-"""The problem-family protocol: what a learned optimizer is trained and tested on.
+"""The problem protocol: what a learned optimizer is trained and tested on.
 
-A :class:`ProblemFamily` samples a :class:`Problem`, a batch of ``B`` independent
-instances of ``min_x f(x) + r(x)`` with ``x`` of shape ``(B, n)``. A problem gives
-the per-instance smooth loss ``f`` (what autograd differentiates), the per-instance
-Lipschitz constant of its gradient, the prox name and strengths of ``r``, and the
-starting point.
+A :class:`ProblemFamily` samples a :class:`ProblemBase`: a batch of ``B`` independent
+instances of ``min F(x_1, ..., x_m) = f(x_1, ..., x_m) + sum_b r_b(x_b)``, each block
+``x_b`` a tensor ``(B, ...)`` and each ``r_b`` named by a registered prox. A problem
+gives the per-instance smooth loss ``f`` (what autograd differentiates), the starting
+point and each block's prox.
+
+:class:`Problem` is the single-block convex case, ``x`` of shape ``(B, n)``, with the
+per-instance Lipschitz constant of ``grad f`` that step sizes come from; the
+multi-block families subclass :class:`~torch_l2o.problems.BlockProblem`.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field, fields, replace
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from ..prox import get_prox
+from ..prox import prox_value
 
-__all__ = ["TensorFields", "Problem", "ProblemFamily", "mean_relative_error", "optimal_values"]
+__all__ = ["TensorFields", "ProblemBase", "Problem", "ProblemFamily", "mean_relative_error"]
 
 
 class TensorFields:
@@ -42,15 +47,65 @@ class TensorFields:
                                 if isinstance(getattr(self, f.name), Tensor)})
 
 
-@dataclass
-class Problem(TensorFields):
-    """A batch of instances of ``F(x) = f(x) + r(x)``; subclasses define :meth:`smooth`.
+class ProblemBase(TensorFields):
+    """A batch of ``B`` instances of ``F = f(x_1, ..., x_m) + sum_b r_b(x_b)``; subclasses
+    (dataclasses of batch-first tensors) define ``blocks``, :meth:`smooth`, :meth:`starts`
+    and, where some ``r_b`` is not zero, :meth:`block_prox`."""
 
-    Tensor fields hold the data, batch first. ``lipschitz`` has shape ``(B,)``.
+    blocks: ClassVar[tuple[str, ...]] = ()
+
+    def smooth(self, *xs: Tensor) -> Tensor:
+        """``f(x_1, ..., x_m)``, one value per instance, shape ``(B,)``."""
+        raise NotImplementedError
+
+    def starts(self) -> list[Tensor]:
+        """The starting point: one tensor ``(B, ...)`` per block."""
+        raise NotImplementedError
+
+    def block_prox(self) -> list[tuple[str, dict]]:
+        """``(prox name, prox params)`` of each block (default: none)."""
+        return [("none", {}) for _ in self.blocks]
+
+    def objective(self, *xs: Tensor) -> Tensor:
+        """``F = f + sum_b r_b(x_b)`` per instance, shape ``(B,)``."""
+        F = self.smooth(*xs)
+        for x, (name, params) in zip(xs, self.block_prox(), strict=True):
+            F = F + prox_value(name, x, 1, **params)
+        return F
+
+    def _data(self) -> Tensor:
+        return next(getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor))
+
+    @property
+    def batch(self) -> int:
+        return int(self._data().shape[0])
+
+
+@dataclass
+class Problem(ProblemBase):
+    """A batch of instances of ``F(x) = f(x) + r(x)``, ``x`` of shape ``(B, n)``;
+    subclasses define :meth:`smooth`, ``lipschitz`` and ``dim``.
+
+    Tensor fields hold the data, batch first. ``lipschitz`` has shape ``(B,)`` and is
+    computed once per problem object (see :meth:`__init_subclass__`).
     """
 
     prox: str = field(default="none", kw_only=True)
     prox_params: dict[str, Any] = field(default_factory=dict, kw_only=True)
+
+    blocks = ("x",)
+
+    def __init_subclass__(cls, **kwargs):
+        """Make a subclass's ``lipschitz`` property a per-object cache: step sizes read it
+        on every step, and it costs a batched SVD (or Hessian-vector products). Objects
+        made by ``.to()``, slicing or ``dataclasses.replace`` compute their own; mutating a
+        problem's tensors in place leaves a computed constant stale."""
+        super().__init_subclass__(**kwargs)
+        prop = cls.__dict__.get("lipschitz")
+        if isinstance(prop, property) and prop.fset is None:
+            cached = functools.cached_property(prop.fget)
+            cached.__set_name__(cls, "lipschitz")
+            cls.lipschitz = cached
 
     # -- to define
     def smooth(self, x: Tensor) -> Tensor:
@@ -68,17 +123,16 @@ class Problem(TensorFields):
         raise NotImplementedError
 
     # -- derived
-    def _data(self) -> Tensor:
-        return next(getattr(self, f.name) for f in fields(self) if isinstance(getattr(self, f.name), Tensor))
-
-    @property
-    def batch(self) -> int:
-        return int(self._data().shape[0])
-
     def x0(self) -> Tensor:
         """The starting point, zeros of shape ``(B, n)``."""
         ref = self._data()
         return torch.zeros(self.batch, self.dim, dtype=ref.dtype, device=ref.device)
+
+    def starts(self) -> list[Tensor]:
+        return [self.x0()]
+
+    def block_prox(self) -> list[tuple[str, dict]]:
+        return [(self.prox, self.prox_params)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -86,11 +140,11 @@ class Problem(TensorFields):
 
     def regularizer(self, x: Tensor) -> Tensor:
         """``r(x)`` per instance, shape ``(B,)``."""
-        spec = get_prox(self.prox)
-        return spec.r(x, 1, **spec.resolve(self.prox_params))
+        return prox_value(self.prox, x, 1, **self.prox_params)
 
     def objective(self, x: Tensor) -> Tensor:
-        """``F(x) = f(x) + r(x)`` per instance, shape ``(B,)``."""
+        """``F(x) = f(x) + r(x)`` per instance, shape ``(B,)`` (a subclass's own
+        :meth:`regularizer` counts)."""
         return self.smooth(x) + self.regularizer(x)
 
     def grad(self, x: Tensor) -> Tensor:
@@ -102,7 +156,7 @@ class Problem(TensorFields):
 
     def optimal_value(self) -> Tensor | None:
         """``F*`` per instance when it is known in closed form (else ``None``: use
-        :func:`~torch_l2o.problems.reference_solve`)."""
+        :func:`~torch_l2o.problems.optimal_values`)."""
         return None
 
     def step_size(self) -> Tensor:
@@ -111,10 +165,10 @@ class Problem(TensorFields):
 
 
 class ProblemFamily:
-    """A distribution over problems; subclasses define :meth:`sample`."""
+    """A distribution over problems (single- or multi-block); subclasses define :meth:`sample`."""
 
     def sample(self, batch: int, *, generator: torch.Generator | None = None,
-               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> Problem:
+               dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> ProblemBase:
         """``batch`` fresh instances. Drawn on the CPU from ``generator``, so a seed gives
         the same instances on every device, then moved to ``device``."""
         raise NotImplementedError
@@ -127,12 +181,3 @@ def mean_relative_error(F: Tensor, F_star: Tensor) -> Tensor:
     scale = torch.where(F_star != 0, F_star.abs(), torch.ones_like(F_star))
     return ((F - F_star) / scale).mean()
 
-
-def optimal_values(problem: Problem) -> Tensor:
-    """``F*`` per instance: known in closed form, or from the float64 reference solver."""
-    known = problem.optimal_value()
-    if known is not None:
-        return known.double()
-    from .solve import reference_solve
-
-    return reference_solve(problem).F

@@ -1,8 +1,10 @@
 """Multi-block problems: several variable blocks, one global loss (GSO, seed 003).
 
-A :class:`BlockProblem` is a batch of ``B`` instances of ``min F(x_1, ..., x_m)`` with
-``F = f(x_1, ..., x_m) + sum_b r_b(x_b)``: ``f`` smooth but non-convex jointly, each
-``r_b`` named by a registered prox. Blocks are tensors ``(B, *shape_b)``.
+A :class:`BlockProblem` is a :class:`~torch_l2o.problems.ProblemBase` with several blocks:
+a batch of ``B`` instances of ``min F(x_1, ..., x_m)`` with ``F = f(x_1, ..., x_m) +
+sum_b r_b(x_b)``, ``f`` smooth but non-convex jointly, each ``r_b`` named by a registered
+prox. Blocks are tensors ``(B, *shape_b)``. Their families are plain
+:class:`~torch_l2o.problems.ProblemFamily` objects.
 
 * :class:`MatrixCompletion`: ``f(U, V) = 1/2 |P_Omega(R - U V^T)|^2 + lam/2 (|U|^2 + |V|^2)``,
   ``R`` rank-``r`` ``n x n``, factors of rank ``k_m``.
@@ -18,52 +20,32 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from ..prox import get_prox
-from .base import TensorFields
+from .base import ProblemBase, ProblemFamily
 
 __all__ = ["BlockProblem", "BlockFamily", "MatrixCompletion", "MatrixCompletionProblem",
            "GaussianMixture", "GaussianMixtureProblem"]
 
 
 @dataclass
-class BlockProblem(TensorFields):
-    """Base: subclasses define ``blocks`` (names), :meth:`smooth`, :meth:`x0`, ``block_prox``."""
-
-    blocks = ()
-
-    def smooth(self, *xs: Tensor) -> Tensor:
-        """The smooth part of the global loss, one value per instance ``(B,)``."""
-        raise NotImplementedError
+class BlockProblem(ProblemBase):
+    """Base: subclasses define ``blocks`` (names), :meth:`smooth`, :meth:`x0` and, where
+    some ``r_b`` is not zero, :meth:`block_prox`."""
 
     def x0(self) -> list[Tensor]:
+        """The starting point, one tensor ``(B, ...)`` per block."""
         raise NotImplementedError
 
-    def block_prox(self) -> list[tuple[str, dict]]:
-        """``(prox, params)`` of each block (default: none)."""
-        return [("none", {}) for _ in self.blocks]
-
-    def objective(self, *xs: Tensor) -> Tensor:
-        F = self.smooth(*xs)
-        for x, (name, params) in zip(xs, self.block_prox()):
-            if name != "none":
-                spec = get_prox(name)
-                F = F + spec.r(x, 1, **spec.resolve(params))
-        return F
+    def starts(self) -> list[Tensor]:
+        return self.x0()
 
     def metric(self, *xs: Tensor) -> Tensor:
         """The figure a benchmark reports, per instance (default: the objective)."""
         return self.objective(*xs)
 
-    @property
-    def batch(self) -> int:
-        return int(self.x0()[0].shape[0])
 
-
-class BlockFamily:
-    """A distribution over block problems; ``sample(batch, generator=, dtype=, device=)``."""
-
-    def sample(self, batch, *, generator=None, dtype=torch.float32, device=None) -> BlockProblem:
-        raise NotImplementedError
+class BlockFamily(ProblemFamily):
+    """A family of :class:`BlockProblem`; kept so that existing subclasses and
+    ``isinstance`` checks work (any :class:`ProblemFamily` may sample block problems)."""
 
 
 @dataclass
@@ -108,21 +90,6 @@ class MatrixCompletionProblem(BlockProblem):
             U = solve(self.mask, self.R, V)
             V = solve(Mt, Rt, U)
         return U, V
-
-    @torch.no_grad()
-    def soft_impute(self, tau: float, iters: int = 300) -> Tensor:
-        """Nuclear-norm completion ``min 1/2 |P_Omega(R - X)|^2 + tau |X|_*`` by FISTA with the
-        registry's ``nuclear`` prox (step 1: the masked loss is 1-smooth)."""
-        from ..optim import FISTA
-
-        X = torch.zeros_like(self.R, requires_grad=True)
-        opt = FISTA([X], prox="nuclear", lam=tau, lr=1.0)
-        for _ in range(iters):
-            with torch.enable_grad():
-                opt.zero_grad()
-                (0.5 * (self.mask * (self.R - X)).square().sum()).backward()
-            opt.step()
-        return opt.solution(X)
 
 
 @dataclass
