@@ -29,7 +29,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping
 
-__all__ = ["Architecture", "register_architecture", "get_architecture", "available_architectures"]
+__all__ = ["Architecture", "register_architecture", "unregister_architecture", "get_architecture",
+           "available_architectures"]
 
 
 @dataclass(frozen=True)
@@ -130,3 +131,9 @@ def register_architecture(name: str, *, network: type, update: Callable[..., Any
     arch = Architecture(name=name, network=network, update=update, optimizer=optimizer, **fields)
     _REGISTRY[name] = arch
     return arch
+
+
+def unregister_architecture(name: str) -> Architecture:
+    """Remove ``name`` from the registry (for tests and experiments); returns its entry."""
+    get_architecture(name)  # an unknown name is the usual error
+    return _REGISTRY.pop(name)
