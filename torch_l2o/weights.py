@@ -35,6 +35,19 @@ def _display(arch: str) -> str:
         return arch
 
 
+def _optimizer_name(arch: str) -> str:
+    """How a user reaches ``arch``'s optimizer: ``torch_l2o.PAMR``, or through the registry."""
+    import torch_l2o  # not at the top: torch_l2o imports this module
+
+    try:
+        cls = get_architecture(arch).optimizer
+    except ValueError:
+        return f"the optimizer of architecture {arch!r}"
+    if getattr(torch_l2o, cls.__name__, None) is cls:
+        return f"torch_l2o.{cls.__name__}"
+    return f"torch_l2o.get_architecture({arch!r}).optimizer"
+
+
 def pretrained_dir() -> Path:
     """Where the shipped weights are (the repository's ``pretrained/``)."""
     env = os.environ.get("TORCH_L2O_PRETRAINED")
@@ -110,10 +123,14 @@ def read_weights(path: str | Path) -> tuple[dict[str, Tensor], dict[str, str], d
 
 
 def _resolve_path(arch: str, name: str) -> Path:
+    """A path, a shipped name (``"lasso"``), or a shipped file's name (``"pamr-lasso"``, as
+    in ``pretrained/``; another architecture's is refused by its header)."""
     p = Path(name)
     if p.suffix == ".safetensors" or p.is_file():
         return p
     cand = pretrained_dir() / f"{arch}-{name}.safetensors"
+    if not cand.is_file():
+        cand = pretrained_dir() / f"{name}.safetensors"
     if not cand.is_file():
         have = available_weights(arch)
         raise FileNotFoundError(
@@ -124,8 +141,15 @@ def _resolve_path(arch: str, name: str) -> Path:
     return cand
 
 
-def _load_strict(net: CoordinateNet, tensors: Mapping[str, Tensor], arch: str, source: str) -> None:
+def _load_strict(net: CoordinateNet, tensors: Mapping[str, Tensor], arch: str, source: str,
+                 from_file: bool) -> None:
+    """Load ``tensors`` into ``net``: every key, of the network's shapes, finite (a state
+    dict may hold an Inf)."""
     own = net.state_dict()
+    odd = sorted(k for k, v in tensors.items() if not isinstance(v, Tensor))
+    if odd:
+        raise ValueError(f"weights from {source} hold values that are not tensors ({', '.join(odd[:4])}); "
+                         "pass a network's state_dict(), a weight file or a shipped name")
     missing = sorted(set(own) - set(tensors))
     unexpected = sorted(set(tensors) - set(own))
     shapes = [f"{k}: file {tuple(tensors[k].shape)} vs network {tuple(own[k].shape)}"
@@ -142,7 +166,17 @@ def _load_strict(net: CoordinateNet, tensors: Mapping[str, Tensor], arch: str, s
             f"weights from {source} do not fit a {_display(arch)} network with config {net.config()}: "
             + ", ".join(parts)
         )
-    net.load_state_dict({k: v.to(own[k].dtype) for k, v in tensors.items()})
+    cast = {k: v.to(own[k].dtype) for k, v in tensors.items()}
+    # A corrupt file without its card (no sha256 to check) parses: its NaNs would reach the
+    # parameters. Training never makes an Inf either; a state dict may hold one on purpose
+    # (a bias of -inf saturates a sigmoid to exactly 0).
+    bad = sorted(k for k, v in cast.items() if bool((~torch.isfinite(v) if from_file else v.isnan()).any()))
+    if bad:
+        fix = ("the file is corrupt: restore it (git checkout pretrained/, or reinstall torch_l2o) or "
+               "retrain it" if from_file else "check the training run that made it, or retrain it")
+        raise ValueError(f"{source} holds {'NaN or Inf' if from_file else 'NaN'} in {', '.join(bad[:4])}"
+                         f"{' ...' if len(bad) > 4 else ''}; {fix}")
+    net.load_state_dict(cast)
 
 
 def _check_options(spec, options: Mapping[str, Any]) -> None:
@@ -155,10 +189,11 @@ def _check_options(spec, options: Mapping[str, Any]) -> None:
 
 
 def build_network(arch: str, weights: Any = None, **options: Any) -> tuple[CoordinateNet, dict]:
-    """The ``arch`` network with ``weights``: a pretrained name, a path, a state dict,
-    ``"untrained"`` (a seeded default initialisation), or ``None`` (the default pretrained
-    weights, the architecture's ``default_weights``; untrained with a warning if they are
-    missing). Returns ``(net, info)``."""
+    """The ``arch`` network with ``weights``: a pretrained name (``"lasso"``, or the file's
+    ``"pamr-lasso"``), a path, a state dict, ``"untrained"`` (a seeded default
+    initialisation), or ``None`` (the default pretrained weights, the architecture's
+    ``default_weights``; untrained with a warning if they are missing). Weights that do not
+    fit the network or hold NaN are a ``ValueError``. Returns ``(net, info)``."""
     spec = get_architecture(arch)
     Net = spec.network
     _check_options(spec, options)
@@ -182,20 +217,22 @@ def build_network(arch: str, weights: Any = None, **options: Any) -> tuple[Coord
         info["weights"] = "untrained"
     elif isinstance(weights, Mapping):
         net = Net(**options)
-        _load_strict(net, weights, arch, "the given state dict")
+        _load_strict(net, weights, arch, "the given state dict", from_file=False)
         info["weights"] = "state dict"
     elif isinstance(weights, (str, os.PathLike)):
         path = _resolve_path(arch, str(weights))
         tensors, meta, card = read_weights(path)
         if meta.get("arch", arch) != arch:
-            raise ValueError(f"{path} holds {_display(meta['arch'])} weights, not {spec.display_name}")
+            raise ValueError(f"{path} holds {_display(meta['arch'])} weights, not {spec.display_name}: "
+                             f"load it with {_optimizer_name(meta['arch'])}, or give {spec.display_name} its "
+                             f"own ({', '.join(available_weights(arch)) or 'none shipped'})")
         config = json.loads(meta.get("config", "{}"))
         clash = {k: (v, config[k]) for k, v in options.items() if k in config and config[k] != v}
         if clash:
             raise ValueError(f"{path} was trained with {', '.join(f'{k}={b!r}' for k, (a, b) in clash.items())}; "
                              f"you asked for {', '.join(f'{k}={a!r}' for k, (a, b) in clash.items())}")
         net = Net(**{**config, **options})
-        _load_strict(net, tensors, arch, str(path))
+        _load_strict(net, tensors, arch, str(path), from_file=True)
         info.update(weights=str(path), card=card)
     else:
         raise TypeError(f"weights must be a name, a path, a state dict, 'untrained' or None; got {type(weights).__name__}")

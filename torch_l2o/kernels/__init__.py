@@ -82,15 +82,15 @@ _COMPILED = None
 def set_cpu_backend(backend: str) -> str:
     """Choose how in-place steps on non-CUDA tensors run; returns the previous choice.
 
-    ``"reference"`` (default): the eager PyTorch reference. ``"compile"``: the same
-    reference compiled by ``torch.compile`` (Inductor fuses it into one loop: 10-20x
-    faster from 10^6 elements on a CPU, at the price of a compilation, some seconds,
-    per prox and dtype on first use).
+    ``"reference"`` (default; ``"eager"`` is the same): the eager PyTorch reference.
+    ``"compile"``: the same reference compiled by ``torch.compile`` (Inductor fuses it
+    into one loop: 10-20x faster from 10^6 elements on a CPU, at the price of a
+    compilation, some seconds, per prox and dtype on first use).
     """
     global _CPU_BACKEND
-    if backend not in ("reference", "compile"):
-        raise ValueError(f"cpu backend must be 'reference' or 'compile', got {backend!r}")
-    prev, _CPU_BACKEND = _CPU_BACKEND, backend
+    if backend not in ("reference", "eager", "compile"):
+        raise ValueError(f"cpu backend must be 'reference' (or 'eager') or 'compile', got {backend!r}")
+    prev, _CPU_BACKEND = _CPU_BACKEND, "reference" if backend == "eager" else backend
     return prev
 
 

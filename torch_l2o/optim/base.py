@@ -35,14 +35,17 @@ class ProxOptimizer(Optimizer):
 
     * ``lr``: the step size (a number, a tensor with one value per instance such as
       ``(B, 1)`` for a ``(B, n)`` parameter, or ``None`` for the automatic step of
-      :mod:`torch_l2o.optim.stepsize`);
+      :mod:`torch_l2o.optim.stepsize`). A group given ``lr=None`` holds ``lr=1.0`` and
+      ``lr_auto=True``: its ``lr`` then multiplies the automatic step, so that LR
+      schedulers scale it;
     * ``prox``, ``lam``, ``prox_params``: the non-smooth term, by registered name, its
-      strength ``lam`` and any further strengths (``lo``, ``hi``, ``lam2``, ``dim``);
+      strength ``lam`` and any further strengths (``lo``, ``hi``, ``lam2``, ``dim``).
+      A prox with a strength ``lam`` needs it, as ``lam`` or in ``prox_params``;
     * ``instance_dims``: how many leading dims of each parameter index independent
       problem instances (inferred from a tensor ``lr``; else 0);
     * ``nonfinite``: ``"raise"`` (default) or ``"skip"`` when a gradient holds NaN or
-      Inf. Either way nothing is written; a skipped step is counted in
-      ``state[p]["skipped_steps"]``.
+      Inf, or when backtracking meets a loss that is NaN or Inf. Either way nothing is
+      written; a skipped step is counted in ``state[p]["skipped_steps"]``.
     """
 
     # lr=None: the step is auto_lr_scale / L_estimate. Learned optimizers that scale the step
@@ -55,7 +58,7 @@ class ProxOptimizer(Optimizer):
 
     def __init__(self, params: Iterable, defaults: dict[str, Any]) -> None:
         defaults.setdefault("prox", "none")
-        defaults.setdefault("lam", 0.0)
+        defaults.setdefault("lam", None)
         defaults.setdefault("prox_params", None)
         defaults.setdefault("instance_dims", None)
         defaults.setdefault("nonfinite", "raise")
@@ -84,12 +87,16 @@ class ProxOptimizer(Optimizer):
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {group['nonfinite']!r}")
         self.prox_params(group)  # unknown names and bad strengths fail here
         lr = group["lr"]
+        if lr is None:  # a number, for LR schedulers to scale: the multiplier of the automatic step
+            lr = group["lr"] = 1.0
+            group["lr_auto"] = True
+        group.setdefault("lr_auto", False)
         if isinstance(lr, Tensor):
             if not lr.is_floating_point() or not bool(torch.isfinite(lr).all()) or bool((lr <= 0).any()):
                 raise ValueError(f"{name}: lr must be positive and finite")
             if group["instance_dims"] is None:
                 group["instance_dims"] = len(_strip_trailing_ones(lr.shape))
-        elif lr is not None:
+        else:
             if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not (math.isfinite(lr) and lr > 0):
                 raise ValueError(
                     f"{name}: lr must be a positive finite number, a tensor of per-instance steps, "
@@ -131,9 +138,13 @@ class ProxOptimizer(Optimizer):
         """The group's prox strengths, resolved and checked."""
         spec = get_prox(group["prox"])
         params = dict(group.get("prox_params") or {})
-        lam = group.get("lam", 0.0)
+        lam = group.get("lam")
         if "lam" in spec.defaults:
-            params.setdefault("lam", lam)
+            if lam is not None:
+                params.setdefault("lam", lam)
+            elif "lam" not in params:  # a default of 0 would silently drop r
+                raise ValueError(f"prox {spec.name!r} needs its strength: pass lam=... "
+                                 "(or prox_params={'lam': ...}; lam=0 for none)")
         elif lam not in (0, 0.0, None):
             accepted = ", ".join(spec.defaults) or "none"
             raise ValueError(f"prox {spec.name!r} takes no strength lam (its parameters: {accepted})")
@@ -186,16 +197,31 @@ class ProxOptimizer(Optimizer):
             work.append((group, ps, gs))
         if self._skip_nonfinite(work):
             return loss
-        for group, ps, gs in work:
+        # every group's step first, then the updates: a step refused in a later group
+        # (backtracking on a NaN loss) leaves the earlier ones unwritten
+        plans = []
+        for gi, (group, ps, gs) in enumerate(work):
             if not ps:
                 continue
             pp = self.prox_params(group)
-            k = group["instance_dims"]
             states = [self.state[p] for p in ps]
             self._init_state(group, ps, states)
-            lr = group["lr"]
-            if lr is None:
-                lr, gs = self._auto_lr(group, ps, gs, states, pp, closure, loss)
+            lr, L = group["lr"], None
+            if lr is None or group.get("lr_auto"):  # None: set by hand, or from an older state dict
+                try:
+                    auto, gs, L = self._auto_lr(group, ps, gs, states, pp, closure, loss)
+                except stepsize.NonFiniteLoss as e:
+                    if group["nonfinite"] == "raise":
+                        raise stepsize.NonFiniteLoss(f"{type(self).__name__}, group {gi}: {e}") from None
+                    self._count_skipped(work)
+                    return loss
+                lr = auto if lr is None else auto * lr
+            plans.append((group, ps, gs, states, lr, L, pp))
+        for group, ps, gs, states, lr, L, pp in plans:
+            if L is not None:
+                for s in states:
+                    s["lipschitz"] = L
+            k = group["instance_dims"]
             self._update(group, ps, gs, states, [self._lr_for(lr, p, k) for p in ps], pp,
                          {"closure": closure, "loss": loss})
         return loss
@@ -217,21 +243,27 @@ class ProxOptimizer(Optimizer):
                 "nothing was updated. Look for an overflow or a division by zero in the loss, "
                 "lower the step size, or pass nonfinite='skip' to skip such steps."
             )
-        for group, ps, gs in work:
+        self._count_skipped(work)
+        return True
+
+    def _count_skipped(self, work) -> None:
+        for _, ps, _ in work:
             for p in ps:
                 st = self.state[p]
                 st["skipped_steps"] = st.get("skipped_steps", 0) + 1
-        return True
 
-    def _auto_lr(self, group, ps, gs, states, pp, closure, loss) -> tuple[Tensor, list[Tensor]]:
-        """The automatic step, and the gradients to step with."""
+    def _auto_lr(self, group, ps, gs, states, pp, closure,
+                 loss) -> tuple[Tensor, list[Tensor], Tensor | None]:
+        """The automatic step, the gradients to step with, and (backtracking) the constant
+        ``L`` for the state, stored once every group has its step."""
         k = group["instance_dims"]
         if closure is None:
-            return self.auto_lr_scale * stepsize.online_lipschitz(states, [p.detach() for p in ps], gs, k), gs
+            lr = stepsize.online_lipschitz(states, [p.detach() for p in ps], gs, k)
+            return self.auto_lr_scale * lr, gs, None
         gs = [g.clone() for g in gs]  # backtracking calls the closure, which may zero p.grad in place
         try:
-            lr = stepsize.backtracking_lipschitz(closure, ps, states, gs, loss, group["prox"], pp, k)
-            return self.auto_lr_scale * lr, gs
+            L = stepsize.backtracking_lipschitz(closure, ps, states, gs, loss, group["prox"], pp, k)
+            return self.auto_lr_scale / L, gs, L
         finally:
             for p, g in zip(ps, gs):
                 p.grad = g  # the gradient at y, as the user's closure left it

@@ -22,14 +22,17 @@ class ISTA(ProxOptimizer):
         params: parameters or param groups.
         lr: the step ``s`` (``0.9999 / L`` for an ``L``-smooth ``f``); a tensor gives
             one step per instance (``(B, 1)`` for ``B`` instances in a ``(B, n)``
-            parameter); ``None`` finds it automatically (:mod:`torch_l2o.optim.stepsize`).
-        prox, lam, prox_params: the non-smooth ``r``, see :mod:`torch_l2o.prox`.
+            parameter); ``None`` finds it automatically (:mod:`torch_l2o.optim.stepsize`),
+            and the group's ``lr`` becomes ``1.0``, a multiplier of that step that LR
+            schedulers scale.
+        prox, lam, prox_params: the non-smooth ``r``, see :mod:`torch_l2o.prox`; a prox
+            with a strength (``"l1"``, ...) needs ``lam`` (or ``prox_params["lam"]``).
         instance_dims, nonfinite: see :class:`~torch_l2o.optim.base.ProxOptimizer`.
 
     For ISTA the parameter is the prox iterate itself.
     """
 
-    def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
+    def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, instance_dims: int | None = None,
                  nonfinite: str = "raise") -> None:
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
@@ -57,8 +60,10 @@ class FISTA(ProxOptimizer):
         params: parameters or param groups.
         lr: the step ``s`` (``0.9999 / L``); a tensor gives one step per instance;
             ``None`` finds it automatically: backtracking when ``step`` gets a closure,
-            a secant estimate otherwise (:mod:`torch_l2o.optim.stepsize`).
-        prox, lam, prox_params: the non-smooth ``r``, see :mod:`torch_l2o.prox`.
+            a secant estimate otherwise (:mod:`torch_l2o.optim.stepsize`); the group's
+            ``lr`` then becomes ``1.0``, a multiplier of that step that LR schedulers scale.
+        prox, lam, prox_params: the non-smooth ``r``, see :mod:`torch_l2o.prox`; a prox
+            with a strength (``"l1"``, ...) needs ``lam`` (or ``prox_params["lam"]``).
         restart: adaptive restart (O'Donoghue & Candes 2015, gradient scheme), per instance.
         instance_dims, nonfinite: see :class:`~torch_l2o.optim.base.ProxOptimizer`.
 
@@ -73,7 +78,7 @@ class FISTA(ProxOptimizer):
         x_hat = opt.solution(x)
     """
 
-    def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
+    def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, restart: bool = False,
                  instance_dims: int | None = None, nonfinite: str = "raise") -> None:
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, restart=restart,

@@ -14,7 +14,8 @@ gradient, one per problem instance:
 * **Backtracking** (Beck & Teboulle 2009; with a closure that returns the smooth loss):
   starting from the secant estimate, ``L`` is multiplied by ``eta = 2`` until the plain
   prox-gradient point ``x+ = prox_{r/L}(y - g / L)`` satisfies the descent lemma
-  ``f(x+) <= f(y) + <g, x+ - y> + L/2 |x+ - y|^2``. ``L`` never decreases.
+  ``f(x+) <= f(y) + <g, x+ - y> + L/2 |x+ - y|^2``. ``L`` never decreases. A loss that
+  is NaN or Inf at the current point, or at every trial point, is :class:`NonFiniteLoss`.
 
 Learned optimizers use the same estimate as their base step ``s = 1/L``.
 """
@@ -27,13 +28,22 @@ from typing import Callable, Sequence
 import torch
 from torch import Tensor
 
-from ..kernels import prox_grad_step_reference
+from ..kernels import compute_dtype, prox_grad_step_reference
 
 PROBE = 1e-3
 ETA = 2.0
 MAX_BACKTRACKS = 60
+PROBE_TRIES = 4  # backtracking's first probe, lengthened ten times at each try
+# The rounding noise of a gradient, in units of epsilon: NOISE of the compute dtype (the
+# error accumulated by the sums that make it) or STORAGE_NOISE of its own dtype (its
+# rounding to bfloat16 / float16, whose sums accumulate in float32), whichever is larger.
 NOISE = 1e3
+STORAGE_NOISE = 10.0
 MAX_PROBE = 1e30  # a finite cap: the step times a float32 gradient must not overflow to NaN
+
+
+class NonFiniteLoss(FloatingPointError):
+    """Backtracking met a NaN or Inf loss it cannot step past; nothing was updated."""
 
 
 def instance_shape(p: Tensor, k: int) -> tuple[int, ...]:
@@ -56,31 +66,39 @@ def _dot(us: Sequence[Tensor], vs: Sequence[Tensor], k: int) -> Tensor:
 
 
 def _dist(us: Sequence[Tensor], vs: Sequence[Tensor], k: int) -> Tensor:
-    """``|u - v|`` per instance, jointly over the tensors."""
-    return _sq_norm([u - v for u, v in zip(us, vs)], k).sqrt()
+    """``|u - v|`` per instance, jointly over the tensors (subtracted in float64: the
+    difference of two half-precision tensors would round to their dtype)."""
+    return _sq_norm([u.double() - v.double() for u, v in zip(us, vs)], k).sqrt()
+
+
+def noise_floor(dtype: torch.dtype) -> float:
+    """Relative rounding noise of a gradient of ``dtype`` (see :data:`NOISE`)."""
+    return max(NOISE * torch.finfo(compute_dtype(dtype)).eps, STORAGE_NOISE * torch.finfo(dtype).eps)
 
 
 def secant(ys, gs, ys_prev, gs_prev, k: int, dy: Tensor | None = None) -> Tensor:
     """``|g - g_prev| / |y - y_prev|`` per instance, jointly over the tensors
     (``dy``: ``|y - y_prev|`` when the caller has it already).
 
-    NaN where it carries no information: no move, or a change of gradient within
-    ``NOISE`` (in units of the dtype's epsilon) of the gradients' size, where rounding
-    would dominate the quotient (near convergence in float32).
+    NaN where it carries no information: no move, or a change of gradient within the
+    rounding noise (:func:`noise_floor`) of the gradients' size, where rounding would
+    dominate the quotient (near convergence).
     """
     dy = _dist(ys, ys_prev, k) if dy is None else dy
-    dg = _sq_norm([g - gp for g, gp in zip(gs, gs_prev)], k).sqrt()
+    dg = _dist(gs, gs_prev, k)
     scale = _sq_norm(gs, k).sqrt() + _sq_norm(gs_prev, k).sqrt()
-    floor = NOISE * torch.finfo(gs[0].dtype).eps * scale
+    floor = noise_floor(gs[0].dtype) * scale
     ok = (dy > 0) & (dg > floor)
     return torch.where(ok, dg / torch.where(ok, dy, 1.0), torch.full_like(dy, math.nan))
 
 
 def probe_lr(ys, gs, k: int) -> Tensor:
-    """Step of the first, probing move: length ``PROBE * max(|y|, 1)`` along ``-g``."""
+    """Step of the first, probing move: length ``PROBE * max(|y|, 1)`` along ``-g``, and
+    at least ten units of rounding of ``y``'s dtype (a shorter move would not change a
+    bfloat16 ``y`` at all)."""
     ny = _sq_norm(ys, k).sqrt()
     ng = _sq_norm(gs, k).sqrt()
-    length = PROBE * torch.clamp(ny, min=1.0)
+    length = max(PROBE, 10 * torch.finfo(ys[0].dtype).eps) * torch.clamp(ny, min=1.0)
     return torch.where(ng > 0, length / ng, torch.ones_like(ng))
 
 
@@ -107,12 +125,10 @@ def online_lipschitz(states: Sequence[dict], ys, gs, k: int) -> Tensor:
     for s, y, g in zip(states, ys, gs):
         s["lipschitz"] = L
         s["probe_lr"] = probe
-        if "prev_y" in s:
-            s["prev_y"].copy_(y)
-            s["prev_g"].copy_(g)
-        else:
-            s["prev_y"] = y.detach().clone()
-            s["prev_g"] = g.detach().clone()
+        # new copies, not copy_ into the old ones: under torch.compile (torch 2.13) a copy_
+        # from the parameter, which the step then overwrites, stores the new value
+        s["prev_y"] = y.detach().clone()
+        s["prev_g"] = g.detach().clone()
     return lr
 
 
@@ -160,25 +176,42 @@ def backtracking_lipschitz(
     prox_params: dict,
     k: int,
 ) -> Tensor:
-    """The step ``1/L`` by Beck-Teboulle backtracking; updates ``states``.
+    """The constant ``L`` of Beck-Teboulle backtracking (the step is ``1/L``); reads
+    ``states`` and leaves storing ``L`` to the caller.
 
     ``loss`` is the closure's value at the current point: a scalar, or one value per
-    instance (then each instance backtracks on its own).
+    instance (then each instance backtracks on its own). Raises :class:`NonFiniteLoss`
+    for a NaN or Inf loss at the current point or at every trial point, and
+    ``RuntimeError`` when no trial satisfies the descent lemma.
     """
     inst = instance_shape(params[0], k)
     f_y = _as_values(loss, inst, k)
+    if not bool(torch.isfinite(f_y).all()):
+        raise NonFiniteLoss(
+            f"the closure returned NaN or Inf at the current point{_which(~torch.isfinite(f_y))}; "
+            "nothing was updated. Backtracking (lr=None with a closure) compares losses: look for "
+            "an overflow or a log of zero in the loss, or pass nonfinite='skip' to skip such steps."
+        )
     joint = f_y.dim() == 0
     ys = [p.detach() for p in params]
     s0 = states[0]
     if "lipschitz" not in s0:  # secant from a probe point gives the starting L
         lr0 = probe_lr(ys, gs, k)
-        probe = [y - lr0.to(y.dtype) * g for y, g in zip(ys, gs)]
-        _, g_probe = _evaluate(closure, params, probe, k, inst)
-        L = secant(probe, g_probe, ys, gs, k)
-        L = torch.where(torch.isfinite(L) & (L > 0), L, 1.0 / lr0)
+        # A probe whose gradient change drowns in rounding (half precision) brings no secant:
+        # ten times longer. Backtracking only raises L, so a start too small is the safe side.
+        for _ in range(PROBE_TRIES):
+            probe = [y - lr0.to(y.dtype) * g for y, g in zip(ys, gs)]
+            _, g_probe = _evaluate(closure, params, probe, k, inst)
+            L = secant(probe, g_probe, ys, gs, k)
+            found = torch.isfinite(L) & (L > 0)
+            if bool(found.all()):
+                break
+            lr0 = torch.where(found, lr0, 10 * lr0)
+        L = torch.where(found, L, 1.0 / lr0)
     else:
         L = s0["lipschitz"].clone()
     tiny = 10 * torch.finfo(ys[0].dtype).eps
+    seen = torch.zeros_like(f_y, dtype=torch.bool)  # a NaN or Inf loss at some trial point
     for _ in range(MAX_BACKTRACKS):
         cand = [prox_grad_step_reference(y, g, y, 1.0 / L, 1.0, 0.0, prox, prox_params)[0]
                 for y, g in zip(ys, gs)]
@@ -188,9 +221,34 @@ def backtracking_lipschitz(
         if joint:
             model = model.sum()
         ok = f_c <= f_y + model + tiny * f_y.abs()  # NaN or inf at the candidate: not ok
+        seen |= ~torch.isfinite(f_c)
         if bool(ok.all()):
             break
         L = torch.where(ok, L, L * ETA)
-    for s in states:
-        s["lipschitz"] = L
-    return 1.0 / L
+    # Failed: no trial accepted, or, past NaN losses, only one too short to move the iterate.
+    # Either would raise L for good and freeze the iterate silently.
+    moved = _dist(cand, ys, k) > 0
+    failed = ~ok | (seen & ~(moved.any() if joint else moved))
+    if not bool(failed.any()):
+        return L
+    if bool((failed & seen).any()):
+        raise NonFiniteLoss(
+            f"the closure returned NaN or Inf at every trial point of backtracking{_which(failed & seen)}, "
+            f"down to steps of {float((1 / L).min()):.1e}, though it is finite at the current point; "
+            "nothing was updated. The loss overflows or leaves its domain along the step: look for an "
+            "overflow in the loss, or pass nonfinite='skip' to skip such steps."
+        )
+    raise RuntimeError(
+        f"backtracking found no step satisfying the descent lemma in {MAX_BACKTRACKS} trials"
+        f"{_which(failed)}; nothing was updated. The closure's loss is noisier than a step's decrease, "
+        "or does not match the gradient it leaves in .grad: it must return the smooth loss f (without "
+        "r) whose gradient it computes, deterministically."
+    )
+
+
+def _which(bad: Tensor) -> str:
+    """`` (instances i, j, ...)`` for per-instance flags; empty for one joint value."""
+    if bad.numel() == 1:
+        return ""
+    idx = bad.reshape(-1).nonzero().flatten().tolist()
+    return f" (instances {', '.join(map(str, idx[:5]))}{', ...' if len(idx) > 5 else ''})"

@@ -1,0 +1,258 @@
+"""Defects a new user found on a clean clone: compile, half precision, corrupt weights,
+backtracking on NaN, missing strengths, schedulers with lr=None, weight names, backends."""
+
+import math
+import pathlib
+import shutil
+
+import pytest
+import torch
+
+import torch_l2o
+from torch_l2o.kernels import set_cpu_backend
+from torch_l2o.weights import build_network, pretrained_dir
+
+
+def _lasso(m=40, n=80, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    A = torch.randn(m, n, generator=g) / m**0.5
+    x_true = torch.zeros(n)
+    x_true[:8] = torch.randn(8, generator=g)
+    return A, A @ x_true + 0.01 * torch.randn(m, generator=g)
+
+
+# ---------------------------------------------------------------- 1. torch.compile
+
+
+@pytest.mark.parametrize("make", [
+    lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.5),
+    lambda ps: torch_l2o.PA(ps, prox="l1", lam=0.5, weights="untrained"),
+], ids=["FISTA", "PA"])
+def test_compiled_step_matches_eager_with_automatic_step(make):
+    """lr=None under torch.compile(opt.step): the secant state must hold the previous point,
+    not an alias of the parameter the compiled step then overwrites."""
+    torch._dynamo.reset()
+    A, b = _lasso(100, 200)
+    runs = []
+    for compiled in (False, True):
+        x = torch.zeros(200, requires_grad=True)
+        opt = make([x])
+        step = torch.compile(opt.step) if compiled else opt.step
+        xs = []
+        for _ in range(30):
+            opt.zero_grad()
+            (0.5 * (A @ x - b).square().sum()).backward()
+            step()
+            xs.append(opt.solution(x).clone())
+        runs.append(torch.stack(xs))
+    torch.testing.assert_close(runs[1], runs[0], rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------- 2. half precision, lr=None
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("make,closure", [
+    (lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.1), False),
+    (lambda ps: torch_l2o.PA(ps, prox="l1", lam=0.1, weights="untrained"), False),
+    (lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.1), True),
+], ids=["FISTA", "PA", "FISTA-backtracking"])
+def test_half_precision_automatic_step_converges(make, closure, dtype):
+    A, b = _lasso()
+
+    def run(dt):
+        x = torch.zeros(80, dtype=dt, requires_grad=True)
+        opt = make([x])
+
+        def f():
+            opt.zero_grad()
+            loss = 0.5 * (A.to(dt) @ x - b.to(dt)).square().sum()
+            loss.backward()
+            return loss
+
+        biggest = 0.0
+        for _ in range(200):
+            if closure:
+                opt.step(f)
+            else:
+                f()
+                opt.step()
+            biggest = max(biggest, float(x.detach().abs().max()))
+        z = opt.solution(x).float()
+        return float(0.5 * (A @ z - b).square().sum() + 0.1 * z.abs().sum()), biggest
+
+    F32, big32 = run(torch.float32)
+    F, big = run(dtype)
+    assert F <= 1.01 * F32
+    assert big <= 1.5 * big32
+
+
+# ---------------------------------------------------------------- 3. non-finite weights
+
+
+def test_corrupt_weight_file_without_card_is_refused(tmp_path):
+    path = tmp_path / "pamr-lasso.safetensors"
+    shutil.copy(pretrained_dir() / "pamr-lasso.safetensors", path)  # no card beside it
+    data = bytearray(path.read_bytes())
+    data[-100:] = b"\xff" * 100
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=r"pamr-lasso\.safetensors holds NaN or Inf in .*corrupt.*retrain"):
+        torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1, weights=str(path))
+
+
+def test_non_finite_state_dict_is_refused():
+    sd = build_network("pa", "untrained")[0].state_dict()
+    sd["heads.p.weight"] = torch.full_like(sd["heads.p.weight"], math.nan)
+    with pytest.raises(ValueError, match=r"the given state dict holds NaN in heads\.p\.weight; .*retrain"):
+        torch_l2o.PA([torch.zeros(3, requires_grad=True)], lr=0.1, weights=sd)
+    sd["heads.p.weight"] = [[0.0] * 5]
+    with pytest.raises(ValueError, match=r"not tensors \(heads\.p\.weight\)"):
+        torch_l2o.PA([torch.zeros(3, requires_grad=True)], lr=0.1, weights=sd)
+
+
+# ---------------------------------------------------------------- 4. backtracking on NaN
+
+
+@pytest.mark.parametrize("where", ["every trial point", "the current point"])
+def test_backtracking_on_nan_losses_raises_and_writes_nothing(where):
+    x = torch.ones(5, requires_grad=True)
+    opt = torch_l2o.FISTA([x], prox="l1", lam=0.1)
+    calls = []
+
+    def closure():
+        opt.zero_grad()
+        f = (x - 2).square().sum()
+        f.backward()
+        calls.append(1)
+        nan = where == "the current point" or len(calls) > 1
+        return f.detach() * math.nan if nan else f
+
+    with pytest.raises(FloatingPointError, match=f"NaN or Inf at {where}.*nothing was updated"):
+        opt.step(closure)
+    assert torch.equal(x, torch.ones(5)) and "lipschitz" not in opt.state[x]
+    if where == "the current point":
+        assert len(calls) == 1  # refused at once, not after 60 trial points
+
+
+def test_backtracking_on_nan_losses_skips_when_asked():
+    x = torch.ones(5, requires_grad=True)
+    opt = torch_l2o.FISTA([x], prox="l1", lam=0.1, nonfinite="skip")
+
+    def closure():
+        opt.zero_grad()
+        f = (x - 2).square().sum()
+        f.backward()
+        return f.detach() * math.nan
+
+    opt.step(closure)
+    assert torch.equal(x, torch.ones(5)) and opt.state[x]["skipped_steps"] == 1
+
+
+def test_backtracking_failure_in_a_later_group_writes_nothing():
+    x, z = torch.ones(3, requires_grad=True), torch.ones(3, requires_grad=True)
+    opt = torch_l2o.FISTA([{"params": [x]}, {"params": [z]}])
+
+    def closure():
+        opt.zero_grad()
+        f = (x - 2).square().sum() + (z - 2).square().sum()
+        f.backward()
+        bad = bool((z != 1).any())  # finite unless z moves: only the second group fails
+        return f.detach() * math.nan if bad else f
+
+    with pytest.raises(FloatingPointError, match="group 1"):
+        opt.step(closure)
+    assert torch.equal(x, torch.ones(3)) and torch.equal(z, torch.ones(3))
+    assert "lipschitz" not in opt.state[x]
+
+
+def test_backtracking_without_an_acceptable_step_raises():
+    x = torch.ones(5, requires_grad=True)
+    opt = torch_l2o.FISTA([x])
+    calls = []
+
+    def closure():  # a loss that does not match its gradient: 100 higher after the first call
+        opt.zero_grad()
+        f = (x - 2).square().sum()
+        f.backward()
+        calls.append(1)
+        return f + 100 * (len(calls) > 1)
+
+    with pytest.raises(RuntimeError, match="no step satisfying the descent lemma.*nothing was updated"):
+        opt.step(closure)
+    assert torch.equal(x, torch.ones(5)) and "lipschitz" not in opt.state[x]
+
+
+# ---------------------------------------------------------------- 5. missing strengths
+
+
+def test_prox_with_a_strength_needs_it():
+    x = torch.zeros(4, requires_grad=True)
+    for cls in (torch_l2o.ISTA, torch_l2o.FISTA):
+        with pytest.raises(ValueError, match=r"prox 'l1' needs its strength: pass lam=\.\.\."):
+            cls([x], prox="l1", lr=0.1)
+    with pytest.raises(ValueError, match="prox 'nuclear' needs its strength"):
+        torch_l2o.FISTA([torch.zeros(3, 3, requires_grad=True)], prox="nuclear", lr=0.1)
+    opt = torch_l2o.FISTA([x], prox="l1", prox_params={"lam": 0.2}, lr=0.1)
+    assert opt.prox_params(opt.param_groups[0])["lam"] == 0.2
+    assert torch_l2o.FISTA([x], prox="l1", lam=0.0, lr=0.1).param_groups[0]["lam"] == 0.0
+    for prox, pp in (("none", None), ("nonneg", None), ("box", {"lo": -1.0, "hi": 1.0}), ("simplex", None)):
+        torch_l2o.FISTA([x], prox=prox, prox_params=pp, lr=0.1)
+    opt = torch_l2o.FISTA([x], lr=0.1)
+    with pytest.raises(ValueError, match="needs its strength"):
+        opt.add_param_group({"params": [torch.zeros(2, requires_grad=True)], "prox": "l2sq"})
+
+
+# ---------------------------------------------------------------- 6. schedulers with lr=None
+
+
+def test_scheduler_scales_the_automatic_step():
+    """f = c/2 |x|^2: after the probe the secant is exactly c, so a step m / c leaves (1 - m) x."""
+    c = 4.0
+    x = torch.tensor([3.0, -3.0], dtype=torch.float64, requires_grad=True)
+    opt = torch_l2o.ISTA([x])
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    lrs, xs = [], []
+    for _ in range(3):
+        opt.zero_grad()
+        (0.5 * c * x.square().sum()).backward()
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        xs.append(x.detach().clone())
+        sched.step()
+    assert lrs == [1.0, 0.5, 0.25] and opt.param_groups[0]["lr_auto"]
+    torch.testing.assert_close(xs[2], xs[0] * 0.5 * 0.75)
+
+
+# ---------------------------------------------------------------- 7. file names as weights
+
+
+def test_weights_by_file_name():
+    x = torch.zeros(3, requires_grad=True)
+    a = torch_l2o.PAMR([x], lr=0.1, weights="pamr-lasso").net.state_dict()
+    b = torch_l2o.PAMR([x], lr=0.1, weights="lasso").net.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="holds L2O-PA-MR weights, not L2O-PA.*torch_l2o.PAMR.*lasso"):
+        torch_l2o.PA([x], lr=0.1, weights="pamr-lasso")
+
+
+# ---------------------------------------------------------------- 8. the CPU backend's way back
+
+
+def test_cpu_backend_eager_is_the_reference():
+    prev = set_cpu_backend("compile")
+    try:
+        assert set_cpu_backend("eager") == "compile"
+        assert set_cpu_backend("eager") == "reference"
+    finally:
+        set_cpu_backend(prev)
+
+
+# ---------------------------------------------------------------- 9. no torch.jit of our own
+
+
+def test_no_torch_jit_in_the_package():
+    """The torch.jit deprecation warnings under compile come from torch itself
+    (torch/utils/mkldnn.py, imported by Inductor); none of our code uses torch.jit."""
+    root = pathlib.Path(torch_l2o.__file__).parent
+    users = [str(p.relative_to(root)) for p in root.rglob("*.py") if "torch.jit" in p.read_text()]
+    assert users == []
