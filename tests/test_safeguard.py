@@ -43,10 +43,20 @@ def test_bad_learned_steps_diverge_unguarded_and_converge_guarded(prob):
     p, F_star = prob
     bad = _heads(10.0, 3.0)  # p ~ 2 (step 2/L), a ~ 1.9: unstable
     x = p.x0().requires_grad_(True)
-    opt = torch_l2o.PA([x], prox="l1", lam=0.1, lr=p.step_size(), weights=bad, instance_dims=1)
+    opt = torch_l2o.PA([x], prox="l1", lam=0.1, lr=p.step_size(), weights=bad, instance_dims=1, watchdog=False)
     with pytest.raises(FloatingPointError):
         for _ in range(300):
             opt.step(_closure(opt, x, p))
+    # without a closure the watchdog catches it: a warning, then FISTA-restart steps that converge
+    x = p.x0().requires_grad_(True)
+    opt = torch_l2o.PA([x], prox="l1", lam=0.1, lr=p.step_size(), weights=bad, instance_dims=1)
+    with pytest.warns(RuntimeWarning, match="diverged or stalled"):
+        for _ in range(300):
+            opt.zero_grad()
+            p.smooth(x).sum().backward()
+            opt.step()
+    assert bool(opt.state[x]["watchdog"].all())
+    assert float(mean_relative_error(p.objective(opt.solution(x)), F_star)) < 1e-6
     x = p.x0().requires_grad_(True)
     opt = torch_l2o.PA([x], prox="l1", lam=0.1, lr=p.step_size(), weights=bad, safeguard=True, instance_dims=1)
     F_prev = p.objective(p.x0())

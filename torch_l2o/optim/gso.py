@@ -47,7 +47,7 @@ class GSO(OutputLearnedOptimizer):
     arch = "gso"
 
     def __init__(self, params: Iterable, lr: float = 1.0, *, inner_steps: int = 10, prox: str = "none",
-                 lam: float = 0.0, prox_params: dict | None = None, weights: Any = None,
+                 lam: float | None = None, prox_params: dict | None = None, weights: Any = None,
                  instance_dims: int | None = None, nonfinite: str = "raise", **options: Any) -> None:
         params = list(params)
         if isinstance(inner_steps, bool) or not isinstance(inner_steps, int) or inner_steps < 1:

@@ -19,6 +19,7 @@ from torch import Tensor
 
 from ..registry import Architecture, get_architecture
 from ..weights import build_network
+from . import watchdog
 from .base import ProxOptimizer
 from .safeguard import safeguarded_step
 
@@ -130,7 +131,12 @@ class LearnedOptimizer(ProxOptimizer):
             safeguarded_step(ps, gs, states, lrs, group["prox"], prox_params, group["instance_dims"],
                              ctx["closure"], ctx["loss"], propose)
         else:
+            k, ext = group["instance_dims"], self.architecture.extrapolates
+            plan = watchdog.check(ps, gs, states, lrs, group["prox"], prox_params, k, ext, type(self).__name__,
+                                  self.state[group["params"][0]]) if group.get("watchdog") else None
             _, _, commits = self._run(group, ps, gs, states, lrs, prox_params, inplace=True)
+            if plan is not None:
+                watchdog.apply(plan, ps, states, k, ext)
         for S, new, sizes in commits:
             scatter_state(self._dims, new, S, sizes)
         for s in states:
@@ -143,18 +149,25 @@ class LearnedOptimizer(ProxOptimizer):
 class ProxLearnedOptimizer(LearnedOptimizer):
     """A learned optimizer whose ``lr`` is the base step ``s = 1/L`` (``None``: estimated)
     and that applies the prox of ``r`` (the PA family, MathGD, and by default an
-    architecture you register). ``safeguard=True`` (extrapolating architectures, with
-    ``step(closure)``) accepts a learned step only where it decreases ``F`` as much as
-    ISTA would guarantee (:mod:`torch_l2o.optim.safeguard`)."""
+    architecture you register).
+
+    ``safeguard=True`` (extrapolating architectures, with ``step(closure)``) accepts a
+    learned step only where it decreases ``F`` as much as ISTA would guarantee
+    (:mod:`torch_l2o.optim.safeguard`). Without it, ``watchdog=True`` (the default)
+    catches an instance whose learned steps diverge and moves it to FISTA-restart steps
+    from its best point, with a warning (:mod:`torch_l2o.optim.watchdog`)."""
 
     # lr=None: the network's p in (0, 2) scales the step, so half the estimated 1/L
     auto_lr_scale = 0.5
+    _param_like_keys = ProxOptimizer._param_like_keys + ("wd_best",)
 
-    def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float = 0.0,
+    def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, weights: Any = None, safeguard: bool = False,
-                 instance_dims: int | None = None, nonfinite: str = "raise", **options: Any) -> None:
+                 watchdog: bool = True, instance_dims: int | None = None, nonfinite: str = "raise",
+                 **options: Any) -> None:
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, safeguard=safeguard,
-                                      instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
+                                      watchdog=watchdog, instance_dims=instance_dims, nonfinite=nonfinite),
+                         weights, **options)
 
     def _check_group(self, group) -> None:
         if group.get("safeguard") and not self.architecture.extrapolates:
@@ -168,7 +181,7 @@ class OutputLearnedOptimizer(LearnedOptimizer):
     RNNProp, GSO. Architectures that apply no prox refuse one: give them the
     subgradient of ``F = f + r``."""
 
-    def __init__(self, params: Iterable, lr: float = 1.0, *, prox: str = "none", lam: float = 0.0,
+    def __init__(self, params: Iterable, lr: float = 1.0, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, weights: Any = None, instance_dims: int | None = None,
                  nonfinite: str = "raise", **options: Any) -> None:
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,

@@ -1,0 +1,127 @@
+"""The watchdog: without a closure, a learned step that diverges or stalls is caught per
+instance, warned about once, and replaced by FISTA-restart steps from the best point."""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+
+import torch_l2o
+from torch_l2o.problems import Lasso, LassoProblem, mean_relative_error, reference_solve
+
+LAM = 0.1
+
+
+def _bad_weights():
+    """PA heads with p ~ 2 (step 2/L) and a ~ 1.9: the learned step diverges."""
+    sd = torch_l2o.nets.PANet().state_dict()
+    for k in ("heads.p.weight", "heads.a.weight"):
+        sd[k] = torch.zeros_like(sd[k])
+    sd["heads.p.bias"] = torch.full_like(sd["heads.p.bias"], 10.0)
+    sd["heads.a.bias"] = torch.full_like(sd["heads.a.bias"], 3.0)
+    return sd
+
+
+def _steps(opt, x, prob, n):
+    for _ in range(n):
+        opt.zero_grad()
+        prob.smooth(x).sum().backward()
+        opt.step()
+
+
+def test_in_distribution_the_watchdog_changes_nothing():
+    prob = Lasso().sample(8, generator=torch.Generator().manual_seed(3))
+    runs = []
+    for wd in (True, False):
+        x = prob.x0().requires_grad_(True)
+        opt = torch_l2o.PAMR([x], prox="l1", lam=LAM, lr=prob.step_size(), watchdog=wd)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            _steps(opt, x, prob, 120)
+        runs.append(opt.solution(x))
+        if wd:
+            assert not bool(opt.state[x]["watchdog"].any())
+    assert torch.equal(*runs)
+
+
+def test_after_a_divergence_the_instance_runs_fista_restart_from_its_best_point():
+    prob = Lasso(m=20, n=40, sparsity=4).sample(1, generator=torch.Generator().manual_seed(0))
+    s = prob.step_size()
+    x = prob.x0().requires_grad_(True)
+    opt = torch_l2o.PA([x], prox="l1", lam=LAM, lr=s, weights=_bad_weights(), instance_dims=1)
+    with pytest.warns(RuntimeWarning, match="diverged or stalled on 1 instance"):
+        _steps(opt, x, prob, 1)
+        while not bool(opt.state[x]["watchdog"].all()):
+            _steps(opt, x, prob, 1)
+    best = opt.state[x]["wd_best"]
+    assert torch.equal(x.detach(), best) and torch.equal(opt.solution(x), best)  # restarted at its best point
+    z = best.clone().requires_grad_(True)
+    fista = torch_l2o.FISTA([z], prox="l1", lam=LAM, lr=s, restart=True)
+    for _ in range(40):
+        _steps(opt, x, prob, 1)
+        _steps(fista, z, prob, 1)
+        assert torch.allclose(opt.solution(x), fista.solution(z), rtol=1e-6, atol=1e-7)
+        assert torch.allclose(x, z, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("case,cls", [("lam / 5", torch_l2o.PA), ("Gaussian A and b", torch_l2o.PAMR)])
+def test_the_issue_cases_converge_without_a_closure_or_warn(case, cls):
+    """Out of the weights' family (lam 0.02 instead of 0.1; b not from a sparse x) the
+    unguarded learned optimizer diverges or stalls; with the watchdog it warns once and,
+    in twice FISTA-restart's iterations, is at least as accurate."""
+    g = torch.Generator().manual_seed(1)
+    if case == "lam / 5":
+        base = Lasso().sample(8, generator=g, dtype=torch.float64)
+        p64 = LassoProblem(A=base.A, b=base.b, prox="l1", prox_params={"lam": 0.02})
+    else:
+        A = torch.randn(8, 50, 100, generator=g, dtype=torch.float64)
+        p64 = LassoProblem(A=A, b=torch.randn(8, 50, generator=g, dtype=torch.float64), prox="l1",
+                           prox_params={"lam": 0.1})
+    F_star = reference_solve(p64).F
+    prob = p64.to(torch.float32)
+    lam, s = p64.prox_params["lam"], prob.step_size()
+
+    def error(opt, x):
+        return float(mean_relative_error(p64.objective(opt.solution(x).double()), F_star))
+
+    x = prob.x0().requires_grad_(True)
+    fista = torch_l2o.FISTA([x], prox="l1", lam=lam, lr=s, restart=True)
+    _steps(fista, x, prob, 300)
+    reference = error(fista, x)
+    errs = {}
+    for wd in (False, True):
+        x = prob.x0().requires_grad_(True)
+        opt = cls([x], prox="l1", lam=lam, lr=s, instance_dims=1, watchdog=wd)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _steps(opt, x, prob, 600)
+        errs[wd] = error(opt, x)
+        assert len([w for w in caught if "diverged or stalled" in str(w.message)]) == int(wd)  # once
+    assert not errs[False] < 100 * reference  # unguarded: far behind (or NaN)
+    assert errs[True] <= reference
+
+
+def test_state_dict_round_trip_during_a_fallback():
+    prob = Lasso(m=20, n=40, sparsity=4).sample(3, generator=torch.Generator().manual_seed(2))
+    x = prob.x0().requires_grad_(True)
+    opt = torch_l2o.PA([x], prox="l1", lam=LAM, lr=prob.step_size(), weights=_bad_weights(), instance_dims=1)
+    with pytest.warns(RuntimeWarning):
+        _steps(opt, x, prob, 25)
+    assert bool(opt.state[x]["watchdog"].any())
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = torch_l2o.PA([x2], prox="l1", lam=LAM, lr=prob.step_size(), weights=_bad_weights(), instance_dims=1)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    _steps(opt, x, prob, 10)
+    _steps(opt2, x2, prob, 10)
+    assert torch.equal(x, x2) and torch.equal(opt.solution(x), opt2.solution(x2))
+
+
+def test_learned_optimizers_need_the_strength_too():
+    x = torch.zeros(4, requires_grad=True)
+    with pytest.raises(ValueError, match="prox 'l1' needs its strength: pass lam="):
+        torch_l2o.PAMR([x], prox="l1", lr=0.1, weights="untrained")
+    with pytest.raises(ValueError, match="prox 'l1' needs its strength"):
+        torch_l2o.GSO([{"params": [x], "prox": "l1"}], blocks=1, weights="untrained")
+    torch_l2o.PAMR([x], prox="nonneg", lr=0.1, weights="untrained")  # no strength to give
