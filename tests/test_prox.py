@@ -196,3 +196,14 @@ def test_simplex_projection():
     assert torch.allclose(x0.sum(0), torch.full((50,), 2.0, dtype=D))
     assert float(prox_value("simplex", x, 1).max()) == 0.0
     assert float(prox_value("simplex", z, 1).min()) == math.inf
+
+
+def test_l1_values_weigh_each_coordinate_by_a_tensor_lam():
+    """A per-coordinate lam (0 for an unpenalized intercept) weighs |x_i|, per instance."""
+    from torch_l2o.prox import prox_value
+
+    x = torch.tensor([[1.0, -2.0, 3.0], [-1.0, 0.5, 0.0]])
+    lam = torch.tensor([0.5, 0.0, 2.0])
+    assert torch.equal(prox_value("l1", x, 1, lam=lam), torch.tensor([6.5, 0.5]))
+    assert torch.equal(prox_value("nonneg_l1", x.abs(), 1, lam=lam), torch.tensor([6.5, 0.5]))
+    assert torch.allclose(prox_value("elastic_net", x, 1, lam=lam, lam2=lam), torch.tensor([6.5 + 9.25, 0.75]))

@@ -9,12 +9,14 @@ from .meta import meta_train  # noqa: E402
 from .optim import (FISTA, GSO, ISTA, L2ODM, PA, PAGRU, PAMR, LearnedOptimizer, MathGD,  # noqa: E402
                     OutputLearnedOptimizer, ProxLearnedOptimizer, ProxOptimizer, RNNProp)
 from .prox import available_prox, get_prox, register_prox  # noqa: E402
+from .solver import ConvergenceWarning, SolveResult, solve  # noqa: E402
 from .registry import (Architecture, available_architectures, get_architecture, register_architecture,  # noqa: E402
                        unregister_architecture)
 
 __all__ = [
     "FISTA", "ISTA", "GSO", "MathGD", "PA", "PAGRU", "PAMR", "L2ODM", "RNNProp", "LearnedOptimizer",
-    "ProxLearnedOptimizer", "OutputLearnedOptimizer", "ProxOptimizer", "meta_train", "Architecture",
+    "ProxLearnedOptimizer", "OutputLearnedOptimizer", "ProxOptimizer", "meta_train", "solve", "SolveResult",
+    "ConvergenceWarning", "Architecture",
     "register_architecture", "unregister_architecture", "get_architecture", "available_architectures", "available_prox", "get_prox",
     "register_prox", "baselines", "kernels", "meta", "nets", "optim", "problems", "prox", "registry",
 ]

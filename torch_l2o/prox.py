@@ -226,6 +226,14 @@ def _check_group(params: dict) -> None:
 # ---------------------------------------------------------------- helpers
 
 
+def _weighted_sum(lam: float | Tensor, v: Tensor, batch_dims: int) -> Tensor:
+    """``sum(lam * v)`` over the trailing dims: a per-coordinate ``lam`` tensor weighs each
+    entry; a number multiplies the sum (as it always did: the same rounding)."""
+    if isinstance(lam, Tensor) and lam.numel() > 1:
+        return _sum_trailing(lam * v, batch_dims)
+    return lam * _sum_trailing(v, batch_dims)
+
+
 def _sum_trailing(v: Tensor, batch_dims: int) -> Tensor:
     if v.dim() <= batch_dims:
         return v
@@ -271,7 +279,7 @@ class _L1:
 
     @staticmethod
     def value(x, batch_dims=0, lam=0.0):
-        return lam * _sum_trailing(x.abs(), batch_dims)
+        return _weighted_sum(lam, x.abs(), batch_dims)
 
 
 @_builtin("nonneg", {})
@@ -297,7 +305,7 @@ class _NonNegL1:
 
     @staticmethod
     def value(x, batch_dims=0, lam=0.0):
-        return lam * _sum_trailing(x, batch_dims) + _indicator(x >= 0, x, batch_dims)
+        return _weighted_sum(lam, x, batch_dims) + _indicator(x >= 0, x, batch_dims)
 
 
 @_builtin("elastic_net", {"lam": 0.0, "lam2": 0.0}, _check_elastic)
@@ -310,7 +318,7 @@ class _ElasticNet:
 
     @staticmethod
     def value(x, batch_dims=0, lam=0.0, lam2=0.0):
-        return lam * _sum_trailing(x.abs(), batch_dims) + 0.5 * lam2 * _sum_trailing(x * x, batch_dims)
+        return _weighted_sum(lam, x.abs(), batch_dims) + 0.5 * _weighted_sum(lam2, x * x, batch_dims)
 
 
 @_builtin("l2sq", {"lam": 0.0}, _check_lam)
