@@ -2,7 +2,6 @@
 instance, warned about once, and replaced by FISTA-restart steps from the best point."""
 
 import copy
-import math
 import warnings
 
 import pytest
