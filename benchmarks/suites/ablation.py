@@ -61,6 +61,24 @@ def _rows(cfg, name, previous_suite, problem):
     return res["tables"][name], res["plots"]
 
 
+def _notes(cfg) -> list[str]:
+    """Which rows were reused from this run's earlier suites, and which are missing and why."""
+    notes = []
+    prev = getattr(cfg, "previous", {})
+    for suite in ("lasso", "lasso_ood"):
+        notes.append(f"PA / PA-GRU / PA-MR rows {'reused from' if suite in prev else 'run here: no'} "
+                     f"suite {suite!r} {'of this run (same instances)' if suite in prev else 'in this run'}")
+    for arch in ABLATION:
+        if "lasso" not in available_weights(arch):
+            notes.append(f"row {get_architecture(arch).display_name} missing: no shipped 'lasso' weights")
+    for label, (arch, weights, _) in EXTRA.items():
+        if weights not in available_weights(arch):
+            notes.append(f"row {label} missing: no shipped {arch}-{weights} weights "
+                         f"(train them with python pretrained/train.py --family lasso --arch {arch} "
+                         "--variant coordinates)")
+    return notes
+
+
 def run(cfg) -> dict:
     fam = Lasso()
     ind = fam.sample(cfg.instances, generator=torch.Generator().manual_seed(cfg.seed), dtype=torch.float64)
@@ -69,4 +87,4 @@ def run(cfg) -> dict:
     ood_rows, p2 = _rows(cfg, "ablation_ood_images", "lasso_ood", ood)
     tables = {"parameter counts": _counts(), "ablation_ind": ind_rows, "ablation_ood_images": ood_rows,
               "seed 000 claims": _claims(ind_rows, ood_rows)}
-    return {"tables": tables, "plots": p1 + p2}
+    return {"tables": tables, "plots": p1 + p2, "notes": _notes(cfg)}
