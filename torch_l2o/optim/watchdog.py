@@ -32,6 +32,8 @@ step, plus one copy of the parameters (``y*``).
 
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from typing import Sequence
@@ -56,6 +58,18 @@ class Plan:
     mask: Tensor
     xs: list[Tensor]
     ys: list[Tensor]
+
+
+_LIBRARIES = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
+
+
+def _user_stacklevel() -> int:
+    """The ``stacklevel`` that points a warning at the caller's ``opt.step()`` line, past our
+    frames and torch's optimizer wrappers (their depth varies with torch's version)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and frame.f_code.co_filename.startswith(_LIBRARIES):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 def _per_instance(v: Tensor, p: Tensor, k: int) -> Tensor:
@@ -103,7 +117,7 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
             f"from their best point with "
             f"{'FISTA-restart' if extrapolates else 'ISTA'} steps. This problem is likely outside the weights' "
             "training family: see state[p]['watchdog'], or pass watchdog=False to turn this off.",
-            RuntimeWarning, stacklevel=4)
+            RuntimeWarning, stacklevel=_user_stacklevel())
     # the instances already falling back take a FISTA-restart (or ISTA) step from y_k to T y_k
     t = s0["wd_t"]
     t_next, beta = fista_momentum(t)
