@@ -50,34 +50,35 @@ def kkt_residual(problem: Problem, x: Tensor) -> Tensor:
 
 def _polish_l1(problem: Problem, x: Tensor, max_newton: int = 30) -> Tensor:
     """Newton on each instance's support with the signs fixed; keeps an instance's
-    FISTA point where the polished one breaks the signs or the KKT conditions."""
+    FISTA point where the polished one breaks the signs or the KKT conditions. Each
+    instance works on its own slice of the batch, so the cost is linear in the batch."""
     lam = float(problem.prox_params.get("lam", 0.0))
     out = x.clone()
-    F0 = problem.objective(x)
     for i in range(x.shape[0]):
         idx = torch.nonzero(x[i]).squeeze(-1)
         if idx.numel() == 0:
             continue
+        one = problem[i : i + 1]
         sgn = torch.sign(x[i, idx])
-        xi = x.clone()  # full batch view keeps the problem's batched API; only row i moves
+        xi = x[i : i + 1].clone()
+        F0 = one.objective(xi)[0]
         for _ in range(max_newton):
-            g = problem.grad(xi)[i, idx] + lam * sgn
-            H = problem.hessian(xi, i, idx)
-            d = torch.linalg.solve(H, g)
+            g = one.grad(xi)[0, idx] + lam * sgn
+            d = torch.linalg.solve(one.hessian(xi, 0, idx), g)
             step = 1.0
-            f_old = problem.objective(xi)[i]
+            f_old = one.objective(xi)[0]
             while step > 1e-8:  # damped Newton keeps logistic steps safe
                 trial = xi.clone()
-                trial[i, idx] = xi[i, idx] - step * d
-                if problem.objective(trial)[i] <= f_old + 1e-15 * abs(float(f_old)):
+                trial[0, idx] = xi[0, idx] - step * d
+                if one.objective(trial)[0] <= f_old + 1e-15 * abs(float(f_old)):
                     break
                 step *= 0.5
             xi = trial
-            if float(d.abs().max()) * step <= 1e-15 * max(1.0, float(xi[i, idx].abs().max())):
+            if float(d.abs().max()) * step <= 1e-15 * max(1.0, float(xi[0, idx].abs().max())):
                 break
-        ok_sign = bool((torch.sign(xi[i, idx]) == sgn).all())
-        if ok_sign and float(kkt_residual(problem, xi)[i]) <= 1e-9 and problem.objective(xi)[i] <= F0[i] + 1e-14 * abs(float(F0[i])):
-            out[i] = xi[i]
+        ok_sign = bool((torch.sign(xi[0, idx]) == sgn).all())
+        if ok_sign and float(kkt_residual(one, xi)[0]) <= 1e-9 and one.objective(xi)[0] <= F0 + 1e-14 * abs(float(F0)):
+            out[i] = xi[0]
     return out
 
 
