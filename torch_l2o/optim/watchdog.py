@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import prox_grad_step_reference
-from .functional import fista_momentum
+from .functional import fista_update
 from .stepsize import instance_shape, instance_sum
 
 KAPPA = 10.0
@@ -118,22 +118,20 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
             f"{'FISTA-restart' if extrapolates else 'ISTA'} steps. This problem is likely outside the weights' "
             "training family: see state[p]['watchdog'], or pass watchdog=False to turn this off.",
             RuntimeWarning, stacklevel=_user_stacklevel())
-    # the instances already falling back take a FISTA-restart (or ISTA) step from y_k to T y_k
+    # the instances already falling back take the FISTA-restart step (the optimizer's own
+    # update function), or the ISTA step T y_k; the state of the others is left as it is
     t = s0["wd_t"]
-    t_next, beta = fista_momentum(t)
-    xs_old = [s["x"] for s in states] if extrapolates else ys
-    restart = sum(instance_sum((y.double() - z.double()) * (z.double() - x.double()), k).reshape(shape)
-                  for y, z, x in zip(ys, zs, xs_old)) > 0
-    if not extrapolates:
-        restart = torch.ones_like(restart)
-    s0["wd_t"] = torch.where(new | restart, torch.ones_like(t), torch.where(off, t_next, t))
+    if extrapolates:
+        xs_f, ys_f, t_f = fista_update(ys, grads, [s["x"] for s in states], t, lrs=lrs, prox=prox,
+                                       params=prox_params, restart=True, instance_dims=k)
+    else:
+        xs_f, ys_f, t_f = zs, zs, t
+    s0["wd_t"] = torch.where(new, torch.ones_like(t), torch.where(off, t_f, t))
     xs_new, ys_new = [], []
-    for z, x, s in zip(zs, xs_old, states):
-        y_f = torch.where(_per_instance(restart, z, k), z, z + _per_instance(beta, z, k).to(z.dtype) * (z - x))
-        best = s["wd_best"]
-        nw = _per_instance(new, z, k)
-        xs_new.append(torch.where(nw, best, z))  # a diverging instance restarts at its best point
-        ys_new.append(torch.where(nw, best, y_f))
+    for x_f, y_f, s in zip(xs_f, ys_f, states):
+        nw = _per_instance(new, x_f, k)
+        xs_new.append(torch.where(nw, s["wd_best"], x_f))  # a diverging instance restarts at its best point
+        ys_new.append(torch.where(nw, s["wd_best"], y_f))
     s0["watchdog"] = off | new
     return Plan(off | new, xs_new, ys_new)
 
