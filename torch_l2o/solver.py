@@ -38,7 +38,7 @@ from .optim import FISTA, ISTA, ProxOptimizer
 from .optim.learned import LearnedOptimizer
 from .problems.base import Problem
 from .problems.families import LassoProblem, LogisticProblem
-from .prox import get_prox
+from .problems.solve import default_step, gradient_mapping
 from .registry import available_architectures, get_architecture
 
 __all__ = ["ConvergenceWarning", "SolveResult", "available_methods", "duality_gap", "gradient_mapping", "solve"]
@@ -177,24 +177,6 @@ def duality_gap(problem: Problem, x: Tensor) -> Tensor:
     return fn(problem, x)[0]
 
 
-def gradient_mapping(problem: Problem, x: Tensor, step: Tensor | None = None) -> Tensor:
-    r"""``|G(x)|`` per instance, :math:`G(x) = (x - \operatorname{prox}_{s r}(x - s\nabla f(x))) / s`:
-    zero exactly at the minimisers of a convex ``F``. ``step`` is ``s``, ``(B, 1)``
-    (default ``problem.step_size()``, ``0.9999 / L``). For a prox other than ``l1`` this is
-    what :func:`~torch_l2o.problems.kkt_residual` measures (with ``s = 1 / L``)."""
-    s = _default_step(problem) if step is None else step
-    spec = get_prox(problem.prox)
-    g = problem.grad(x)
-    return torch.linalg.vector_norm((x - spec.prox(x - s * g, s, **spec.resolve(problem.prox_params))) / s, dim=-1)
-
-
-def _default_step(problem: Problem) -> Tensor:
-    """``problem.step_size()`` (``0.9999 / L``), with 1 where ``L = 0``: then ``grad f`` is
-    constant and any step is exact."""
-    s = problem.step_size()
-    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
-
-
 # ---------------------------------------------------------------- the optimizer
 
 
@@ -237,7 +219,7 @@ def _build(method, p: Tensor, problem: Problem, lr, options: dict) -> ProxOptimi
         kwargs.update(prox=problem.prox, prox_params=dict(problem.prox_params))
     if _is_default(lr):
         if lr_is_step:
-            kwargs["lr"] = _default_step(problem).to(p.dtype)
+            kwargs["lr"] = default_step(problem).to(p.dtype)
     else:
         kwargs["lr"] = lr
     return cls([p], **kwargs, **options)
@@ -364,7 +346,7 @@ def solve(problem: Problem, method: str | type | Callable = "fista", *, tol: flo
             return gap / F.clamp(min=torch.finfo(F.dtype).tiny)
     else:
         name = "residual"
-        step = _default_step(p64)
+        step = default_step(p64)
         scale = gradient_mapping(p64, x_start.double(), step).clamp(min=torch.finfo(torch.float64).tiny)
 
         def measure(x):

@@ -6,12 +6,12 @@ from .families import (LeastSquares, LeastSquaresProblem, Lasso, LassoProblem, L
                        MLPProblem)
 from .multiblock import BlockFamily, BlockProblem, GaussianMixture, GaussianMixtureProblem, MatrixCompletion, MatrixCompletionProblem
 from .real import image_patch_lasso, sklearn_logistic, uci_logistic
-from .solve import Solution, kkt_residual, optimal_values, reference_solve
+from .solve import Solution, gradient_mapping, kkt_residual, optimal_values, reference_solve
 
 __all__ = [
     "ProblemBase", "Problem", "ProblemFamily", "mean_relative_error", "optimal_values",
     "LeastSquares", "LeastSquaresProblem", "Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem",
-    "Solution", "kkt_residual", "reference_solve",
+    "Solution", "kkt_residual", "gradient_mapping", "reference_solve",
     "image_patch_lasso", "uci_logistic", "sklearn_logistic",
     "BlockFamily", "BlockProblem", "MatrixCompletion", "MatrixCompletionProblem", "GaussianMixture",
     "GaussianMixtureProblem",

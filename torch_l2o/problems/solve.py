@@ -22,7 +22,7 @@ from torch import Tensor
 from ..prox import get_prox
 from .base import Problem
 
-__all__ = ["Solution", "reference_solve", "kkt_residual", "optimal_values"]
+__all__ = ["Solution", "reference_solve", "kkt_residual", "gradient_mapping", "optimal_values"]
 
 
 @dataclass
@@ -42,10 +42,24 @@ def kkt_residual(problem: Problem, x: Tensor) -> Tensor:
         off = torch.clamp(g.abs() - lam, min=0)
         res = torch.where(x != 0, on, off)
         return res.amax(-1) / max(lam, 1.0)
+    return gradient_mapping(problem, x, (1.0 / problem.lipschitz).unsqueeze(-1), g)
+
+
+def default_step(problem: Problem) -> Tensor:
+    """``problem.step_size()`` (``0.9999 / L``), with 1 where ``L = 0``: then ``grad f`` is
+    constant and any step is exact."""
+    s = problem.step_size()
+    return torch.where(torch.isfinite(s) & (s > 0), s, torch.ones_like(s))
+
+
+def gradient_mapping(problem: Problem, x: Tensor, step: Tensor | None = None, grad: Tensor | None = None) -> Tensor:
+    r"""``|G(x)|`` per instance, :math:`G(x) = (x - \operatorname{prox}_{s r}(x - s\nabla f(x))) / s`:
+    zero exactly at the minimisers of a convex ``F``. ``step`` is ``s``, ``(B, 1)`` (default
+    :func:`default_step`); ``grad`` is ``grad f(x)`` when the caller already has it."""
+    s = default_step(problem) if step is None else step
+    g = problem.grad(x) if grad is None else grad
     spec = get_prox(problem.prox)
-    s = (1.0 / problem.lipschitz).unsqueeze(-1)
-    gm = (x - spec.prox(x - s * g, s, **spec.resolve(problem.prox_params))) / s
-    return torch.linalg.vector_norm(gm, dim=-1)
+    return torch.linalg.vector_norm((x - spec.prox(x - s * g, s, **spec.resolve(problem.prox_params))) / s, dim=-1)
 
 
 def _polish_l1(problem: Problem, x: Tensor, max_newton: int = 30) -> Tensor:
