@@ -194,3 +194,5 @@ def prox_grad_step(
     else:
         _reference_inplace(y, g, x, lr, p, a, prox, params)
     return x, y
+
+from . import triton_learned  # noqa: E402,F401  (registers the Triton fused-step backend)

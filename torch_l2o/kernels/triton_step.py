@@ -46,6 +46,32 @@ if HAVE_TRITON:
         tl.constexpr(KERNEL_CODES[name]) for name in ("l1", "nonneg", "nonneg_l1", "elastic_net", "l2sq", "box")
     )
 
+    @triton.jit
+    def prox_apply(z, t, s0, s1, PROX: tl.constexpr):
+        """``prox_{t r}(z)`` for the kernel prox ``PROX`` with strengths ``s0, s1``: the one
+        Triton implementation of the table's proxes, shared by every kernel."""
+        # `z * 0.0` rather than 0.0 where the prox is zero, so NaN propagates as in torch
+        if PROX == L1:  # soft-thresholding; lam
+            thr = t * s0
+            xn = tl.where(z > thr, z - thr, tl.where(z < -thr, z + thr, z * 0.0))
+        elif PROX == NONNEG:
+            xn = tl.where(z < 0.0, 0.0, z)
+        elif PROX == NONNEG_L1:  # lam
+            w = z - t * s0
+            xn = tl.where(w < 0.0, 0.0, w)
+        elif PROX == ELASTIC_NET:  # lam, lam2
+            thr = t * s0
+            s = tl.where(z > thr, z - thr, tl.where(z < -thr, z + thr, z * 0.0))
+            xn = s / (1 + t * s1)
+        elif PROX == L2SQ:  # lam
+            xn = z / (1 + t * s0)
+        elif PROX == BOX:  # lo, hi
+            w = tl.where(z < s0, s0, z)
+            xn = tl.where(w > s1, s1, w)
+        else:  # none
+            xn = z
+        return xn
+
     # s0, s1 are the KERNEL_SLOTS strength slots: PROX's strengths in its table order.
     @triton.jit
     def _fused_prox_step_kernel(
@@ -74,27 +100,7 @@ if HAVE_TRITON:
         else:
             a = a_scale
 
-        z = y - t * g
-        # `z * 0.0` rather than 0.0 where the prox is zero, so NaN propagates as in torch
-        if PROX == L1:  # soft-thresholding; lam
-            thr = t * s0
-            xn = tl.where(z > thr, z - thr, tl.where(z < -thr, z + thr, z * 0.0))
-        elif PROX == NONNEG:
-            xn = tl.where(z < 0.0, 0.0, z)
-        elif PROX == NONNEG_L1:  # lam
-            w = z - t * s0
-            xn = tl.where(w < 0.0, 0.0, w)
-        elif PROX == ELASTIC_NET:  # lam, lam2
-            thr = t * s0
-            s = tl.where(z > thr, z - thr, tl.where(z < -thr, z + thr, z * 0.0))
-            xn = s / (1 + t * s1)
-        elif PROX == L2SQ:  # lam
-            xn = z / (1 + t * s0)
-        elif PROX == BOX:  # lo, hi
-            w = tl.where(z < s0, s0, z)
-            xn = tl.where(w > s1, s1, w)
-        else:  # none
-            xn = z
+        xn = prox_apply(y - t * g, t, s0, s1, PROX)
         yn = xn + a * (xn - x)
         tl.store(x_ptr + offs, xn.to(x_ptr.dtype.element_ty), mask=mask)
         tl.store(y_ptr + offs, yn.to(y_ptr.dtype.element_ty), mask=mask)

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import prox_grad_step
+from ..kernels.fused import fused_step
 from .stepsize import instance_shape, instance_sum
 
 __all__ = ["ista_update", "fista_update", "fista_momentum", "pa_update", "dm_update", "rnnprop_update", "mathgd_update"]
@@ -136,6 +137,9 @@ def pa_update(
 
     with ``s = lr`` (``0.9999 / L``), ``p_k, a_k`` in (0, 2) per coordinate.
     """
+    if inplace and (new := fused_step("pa", net, state, ys, gs, xs, lr=lr, prox=prox, params=params,
+                                      step=step)) is not None:
+        return list(xs), list(ys), new
     feats = torch.stack([_flat(gs), _flat(ys)], -1).float()
     (p, a), new_state = net(feats, state, instances=_instances(ys[0], instance_dims))
     out = [prox_grad_step(y, g, x, lr=s, p=pi, a=ai, prox=prox, params=params, inplace=inplace)
@@ -151,6 +155,9 @@ def dm_update(
     r"""L2O-DM (Andrychowicz et al. 2016): :math:`x_{k+1} = \operatorname{prox}_{\mathrm{lr}\,r}
     (x_k + \mathrm{lr}\cdot m(\nabla f(x_k)))`; the prox is the identity for L2O-DM itself
     and a block's prox for GSO. No extrapolation: ``xs`` are the ``ys``."""
+    if inplace and (new := fused_step("dm", net, state, ys, gs, xs, lr=lr, prox=prox, params=params,
+                                      step=step)) is not None:
+        return list(ys), list(ys), new
     out, new_state = net(net.features(_flat(gs).float(), _flat(ys).float()), state)
     # x + lr * out is a gradient step along -out: the same fused step as every optimizer
     xs_new = [prox_grad_step(y, -o.to(y.dtype), x, lr=s, prox=prox, params=params, inplace=inplace)[0]
@@ -167,6 +174,9 @@ def rnnprop_update(
     :math:`x_{k+1} = x_k - 0.1\,\mathrm{lr}\tanh(m([g / (\sqrt{\hat v} + \epsilon),
     \hat m / (\sqrt{\hat v} + \epsilon)]))`. It applies no prox (``prox`` must be
     ``"none"``); no extrapolation: ``xs`` are the ``ys``."""
+    if inplace and betas == (0.95, 0.95) and eps == 1e-8 and (new := fused_step(
+            "rnnprop", net, state, ys, gs, xs, lr=lr, prox=prox, params=params, step=step)) is not None:
+        return list(ys), list(ys), new
     b1, b2 = betas
     gf = _flat(gs).float()
     m = b1 * state["m"] + (1 - b1) * gf
