@@ -201,3 +201,18 @@ def test_optimizer_step_runs_the_kernel(monkeypatch):
         (x * x).sum().backward()
         opt.step()
         assert calls == [True, True, False]
+
+
+def test_packed_weights_follow_the_network():
+    """The kernel's packed copy of the weights is rebuilt when a weight changes in place
+    (meta-training, ``load_state_dict``): a stale copy would step with old weights."""
+    from torch_l2o.kernels.triton_learned import pack_network
+
+    net = PANet().to(DEVICE)
+    first = pack_network(net)
+    assert pack_network(net) is first
+    with torch.no_grad():
+        net.heads.p.bias.add_(1.0)
+    second = pack_network(net)
+    assert second is not first
+    assert torch.allclose(second["head"][-2], net.heads.p.bias.float().reshape(()))

@@ -38,7 +38,11 @@ from .triton_step import HAVE_TRITON, KERNEL_DTYPES, broadcast_divisor, interpre
 
 __all__ = ["learned_step_triton", "pack_network"]
 
-BLOCK = 64  # coordinates per program: tl.dot needs >= 16 rows; 64 keeps registers in bounds
+# Launch configuration: coordinates per program (tl.dot needs >= 16 rows; 64 keeps the
+# cells' registers in bounds), warps, and the matrix products' precision ("ieee": exact
+# float32 FMAs; "tf32x3": three TF32 tensor-core products, ~1e-6 relative, to be measured
+# against the parity tolerance on a GPU). Module state so a benchmark can sweep it.
+CONFIG = {"BLOCK": 64, "num_warps": 4, "precision": "ieee"}
 KINDS = {"pa": 0, "dm": 1, "rnnprop": 2}
 MAX_HIDDEN = 64
 
@@ -58,15 +62,15 @@ if HAVE_TRITON:
         return tl.load(ptr + tl.arange(0, HP))
 
     @triton.jit
-    def _mm(a, w_ptr, HP: tl.constexpr):
+    def _mm(a, w_ptr, HP: tl.constexpr, PREC: tl.constexpr):
         """``a @ W`` for a packed ``(HP, HP)`` matrix ``W`` (row = input, column = output)."""
         r = tl.arange(0, HP)
         w = tl.load(w_ptr + r[:, None] * HP + r[None, :])
-        return tl.dot(a, w, input_precision="ieee")
+        return tl.dot(a, w, input_precision=PREC)
 
     @triton.jit
     def _pre(inp, f0, f1, h, l: tl.constexpr, k: tl.constexpr, wx0_ptr, wx_ptr, wh_ptr, b_ptr,
-             G: tl.constexpr, HP: tl.constexpr, TWO_IN: tl.constexpr, SPLIT: tl.constexpr):
+             G: tl.constexpr, HP: tl.constexpr, TWO_IN: tl.constexpr, SPLIT: tl.constexpr, PREC: tl.constexpr):
         """Pre-activation of gate ``k`` of layer ``l``: input part (with bias) and hidden part.
         Layer 0 of a two-feature network takes ``f0, f1``; other layers take ``inp``."""
         j = l * G + k
@@ -74,17 +78,20 @@ if HAVE_TRITON:
             xi = f0[:, None] * _vec(wx0_ptr + (2 * k) * HP, HP)[None, :] \
                 + f1[:, None] * _vec(wx0_ptr + (2 * k + 1) * HP, HP)[None, :]
         else:
-            xi = _mm(inp, wx_ptr + j * HP * HP, HP)
+            xi = _mm(inp, wx_ptr + j * HP * HP, HP, PREC)
         xi = xi + _vec(b_ptr + j * HP, HP)[None, :]
-        hh = _mm(h, wh_ptr + j * HP * HP, HP)
+        hh = _mm(h, wh_ptr + j * HP * HP, HP, PREC)
         if SPLIT:
-            return xi, hh
-        return xi + hh, hh
+            pre = xi
+        else:
+            pre = xi + hh
+        return pre, hh
 
     @triton.jit
     def _cells(f0, f1, inp, h_ptr, c_ptr, rows, rmask, cols, cmask, stride_l,
                wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr,
-               LSTM: tl.constexpr, LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, TWO_IN: tl.constexpr):
+               LSTM: tl.constexpr, LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, TWO_IN: tl.constexpr,
+               PREC: tl.constexpr):
         """The recurrent stack, one time step; reads and writes ``h`` (and ``c``) in place."""
         smask = rmask[:, None] & cmask[None, :]
         soffs = rows[:, None] * H + cols[None, :]
@@ -93,17 +100,17 @@ if HAVE_TRITON:
             h = tl.load(h_ptr + l * stride_l + soffs, mask=smask, other=0.0).to(tl.float32)
             if LSTM:  # gates i, f, g, o (PyTorch's order); biases b_ih + b_hh pre-summed
                 c = tl.load(c_ptr + l * stride_l + soffs, mask=smask, other=0.0).to(tl.float32)
-                gi, _ = _pre(o, f0, f1, h, l, 0, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 4, HP, TWO_IN, False)
-                gf, _ = _pre(o, f0, f1, h, l, 1, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 4, HP, TWO_IN, False)
-                gg, _ = _pre(o, f0, f1, h, l, 2, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 4, HP, TWO_IN, False)
-                go, _ = _pre(o, f0, f1, h, l, 3, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 4, HP, TWO_IN, False)
+                gi, _ = _pre(o, f0, f1, h, l, 0, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 4, HP, TWO_IN, False, PREC)
+                gf, _ = _pre(o, f0, f1, h, l, 1, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 4, HP, TWO_IN, False, PREC)
+                gg, _ = _pre(o, f0, f1, h, l, 2, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 4, HP, TWO_IN, False, PREC)
+                go, _ = _pre(o, f0, f1, h, l, 3, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 4, HP, TWO_IN, False, PREC)
                 c = tl.sigmoid(gf) * c + tl.sigmoid(gi) * _tanh(gg)
                 h = tl.sigmoid(go) * _tanh(c)
                 tl.store(c_ptr + l * stride_l + soffs, c.to(c_ptr.dtype.element_ty), mask=smask)
             else:  # GRU: r, z, n; n = tanh(W_in x + b_in + r (W_hn h + b_hn))
-                gr, _ = _pre(o, f0, f1, h, l, 0, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 3, HP, TWO_IN, False)
-                gz, _ = _pre(o, f0, f1, h, l, 1, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 3, HP, TWO_IN, False)
-                xn, hn = _pre(o, f0, f1, h, l, 2, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 3, HP, TWO_IN, True)
+                gr, _ = _pre(o, f0, f1, h, l, 0, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 3, HP, TWO_IN, False, PREC)
+                gz, _ = _pre(o, f0, f1, h, l, 1, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 3, HP, TWO_IN, False, PREC)
+                xn, hn = _pre(o, f0, f1, h, l, 2, wx0_ptr, wx_ptr, wh_ptr, b_ptr, 3, HP, TWO_IN, True, PREC)
                 r = tl.sigmoid(gr)
                 z = tl.sigmoid(gz)
                 n = _tanh(xn + r * (hn + _vec(bhn_ptr + l * HP, HP)[None, :]))
@@ -122,16 +129,17 @@ if HAVE_TRITON:
 
     @triton.jit
     def _window_attention(o, win_ptr, filled_ptr, rows, rmask, cols, cmask, mr_ptr,
-                          W: tl.constexpr, H: tl.constexpr, HP: tl.constexpr):
+                          W: tl.constexpr, H: tl.constexpr, HP: tl.constexpr, PREC: tl.constexpr):
         """PA-MR's attention of the current output over the coordinate's last ``W`` outputs;
         shifts the window (oldest dropped, ``o`` appended) in place."""
         MM: tl.constexpr = HP * HP
-        q = _mm(o, mr_ptr, HP) + _vec(mr_ptr + 3 * MM, HP)[None, :]
+        q = _mm(o, mr_ptr, HP, PREC) + _vec(mr_ptr + 3 * MM, HP)[None, :]
         # the current output first: it is never masked, so the running max starts finite
-        s = _mm(q * (_mm(o, mr_ptr + MM, HP) + _vec(mr_ptr + 3 * MM + HP, HP)[None, :]), mr_ptr + 4 * MM, HP)
+        k = _mm(o, mr_ptr + MM, HP, PREC) + _vec(mr_ptr + 3 * MM + HP, HP)[None, :]
+        s = _mm(q * k, mr_ptr + 4 * MM, HP, PREC)  # per column: its head's score / sqrt(d_head)
         mx = s
         den = tl.full(s.shape, 1.0, tl.float32)
-        acc = _mm(o, mr_ptr + 2 * MM, HP) + _vec(mr_ptr + 3 * MM + 2 * HP, HP)[None, :]
+        acc = _mm(o, mr_ptr + 2 * MM, HP, PREC) + _vec(mr_ptr + 3 * MM + 2 * HP, HP)[None, :]
         if W > 1:
             filled = tl.load(filled_ptr)
             wmask = rmask[:, None] & cmask[None, :]
@@ -140,10 +148,10 @@ if HAVE_TRITON:
                 key = tl.load(win_ptr + woffs + j * H, mask=wmask, other=0.0).to(tl.float32)
                 if j > 0:  # slot j moves to j - 1 (its old content was read last iteration)
                     tl.store(win_ptr + woffs + (j - 1) * H, key.to(win_ptr.dtype.element_ty), mask=wmask)
-                sj = _mm(q * (_mm(key, mr_ptr + MM, HP) + _vec(mr_ptr + 3 * MM + HP, HP)[None, :]),
-                         mr_ptr + 4 * MM, HP)
+                sj = _mm(q * (_mm(key, mr_ptr + MM, HP, PREC) + _vec(mr_ptr + 3 * MM + HP, HP)[None, :]),
+                         mr_ptr + 4 * MM, HP, PREC)
                 sj = tl.where(j < W - 1 - filled, float("-inf"), sj)
-                vj = _mm(key, mr_ptr + 2 * MM, HP) + _vec(mr_ptr + 3 * MM + 2 * HP, HP)[None, :]
+                vj = _mm(key, mr_ptr + 2 * MM, HP, PREC) + _vec(mr_ptr + 3 * MM + 2 * HP, HP)[None, :]
                 new_mx = tl.maximum(mx, sj)
                 alpha = tl.exp(mx - new_mx)
                 e = tl.exp(sj - new_mx)
@@ -152,7 +160,7 @@ if HAVE_TRITON:
                 mx = new_mx
             tl.store(win_ptr + woffs + (W - 2) * H, o.to(win_ptr.dtype.element_ty), mask=wmask)
         u = acc / den
-        return _mm(u, mr_ptr + 5 * MM, HP) + _vec(mr_ptr + 3 * MM + 3 * HP, HP)[None, :]
+        return _mm(u, mr_ptr + 5 * MM, HP, PREC) + _vec(mr_ptr + 3 * MM + 3 * HP, HP)[None, :]
 
     @triton.jit
     def _learned_step_kernel(
@@ -161,7 +169,7 @@ if HAVE_TRITON:
         n, lr_div, t_scale, s0, s1, stride_l, aux0, aux1, aux2, ln_eps,
         KIND: tl.constexpr, LSTM: tl.constexpr, LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
         PROX: tl.constexpr, HAS_LR: tl.constexpr, MR: tl.constexpr, W: tl.constexpr, GRAD_X: tl.constexpr,
-        BLOCK: tl.constexpr,
+        BLOCK: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK + tl.arange(0, BLOCK)
@@ -177,16 +185,16 @@ if HAVE_TRITON:
         MM: tl.constexpr = HP * HP
 
         if KIND == 0:  # the PA family: features [g, y]
-            o = _cells(g, y, y, h_ptr, c_ptr, rows, rmask, cols, cmask, stride_l,
-                       wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, LSTM, LAYERS, H, HP, True)
+            o = _cells(g, y, tl.zeros((BLOCK, HP), tl.float32), h_ptr, c_ptr, rows, rmask, cols, cmask, stride_l,
+                       wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, LSTM, LAYERS, H, HP, True, PREC)
             if MR:
-                v = _window_attention(o, win_ptr, filled_ptr, rows, rmask, cols, cmask, mr_ptr, W, H, HP)
+                v = _window_attention(o, win_ptr, filled_ptr, rows, rmask, cols, cmask, mr_ptr, W, H, HP, PREC)
                 for i in tl.static_range(2):  # FFN blocks: LN(v + ReLU(W v + b)); dropout off (eval)
-                    f = _mm(v, mr_ptr + (6 + i) * MM, HP) + _vec(mr_ptr + 3 * MM + (4 + i) * HP, HP)[None, :]
+                    f = _mm(v, mr_ptr + (6 + i) * MM, HP, PREC) + _vec(mr_ptr + 3 * MM + (4 + i) * HP, HP)[None, :]
                     v = _layer_norm(v + tl.maximum(f, 0.0), mr_ptr + 8 * MM + (2 * i) * HP,
                                     mr_ptr + 8 * MM + (2 * i + 1) * HP, cmask, H, HP, ln_eps)
                 o = v
-            z = tl.maximum(_mm(o, head_ptr, HP) + _vec(head_ptr + MM, HP)[None, :], 0.0)
+            z = tl.maximum(_mm(o, head_ptr, HP, PREC) + _vec(head_ptr + MM, HP)[None, :], 0.0)
             p = 2.0 * tl.sigmoid(tl.sum(z * _vec(head_ptr + MM + HP, HP)[None, :], axis=1)
                                  + tl.load(head_ptr + MM + 3 * HP))
             a = 2.0 * tl.sigmoid(tl.sum(z * _vec(head_ptr + MM + 2 * HP, HP)[None, :], axis=1)
@@ -206,8 +214,8 @@ if HAVE_TRITON:
                     big = tl.abs(g) >= aux1
                     f0 = tl.where(big, tl.log(tl.maximum(tl.abs(g), aux1)) / aux0, -1.0)
                     f1 = tl.where(big, tl.where(g > 0, 1.0, tl.where(g < 0, -1.0, 0.0)), aux2 * g)
-                o = _cells(f0, f1, y, h_ptr, c_ptr, rows, rmask, cols, cmask, stride_l,
-                           wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, LSTM, LAYERS, H, HP, True)
+                o = _cells(f0, f1, tl.zeros((BLOCK, HP), tl.float32), h_ptr, c_ptr, rows, rmask, cols, cmask, stride_l,
+                           wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, LSTM, LAYERS, H, HP, True, PREC)
                 out = 0.1 * (tl.sum(o * _vec(head_ptr, HP)[None, :], axis=1) + tl.load(head_ptr + HP))
                 d = -out
             else:  # RNNProp: moments (aux0 = 1 - b1^(k+1), aux1 = 1 - b2^(k+1)), ELU(Linear(2, H)), LSTM, tanh
@@ -223,7 +231,7 @@ if HAVE_TRITON:
                 e = tl.where(e > 0, e, tl.exp(e) - 1.0)
                 e = tl.where(cmask[None, :], e, 0.0)
                 o = _cells(f0, f1, e, h_ptr, c_ptr, rows, rmask, cols, cmask, stride_l,
-                           wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, LSTM, LAYERS, H, HP, False)
+                           wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, LSTM, LAYERS, H, HP, False, PREC)
                 out = _tanh(tl.sum(o * _vec(head_ptr + 3 * HP, HP)[None, :], axis=1) + tl.load(head_ptr + 4 * HP))
                 d = (0.1 * out)
             xn = prox_apply(y - lr * d, lr, s0, s1, PROX)
@@ -384,12 +392,12 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step)
     ln_eps = float(net.norms[0].eps) if mr else 1e-5
     m, v = new.get("m"), new.get("v")
     filled = new.get("filled")
-    off = 0
+    off, block = 0, CONFIG["BLOCK"]
     for y, g, x, s in zip(ys, gs, xs, lrs):
         n = y.numel()
         if n:
             lr_t = s if isinstance(s, Tensor) else None
-            _learned_step_kernel[(triton.cdiv(n, BLOCK),)](
+            _learned_step_kernel[(triton.cdiv(n, block),)](
                 x, y, g, lr_t if lr_t is not None else y,
                 h[:, off:], c[:, off:],
                 m[off:] if m is not None else y, v[off:] if v is not None else y,
@@ -399,7 +407,8 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step)
                 s0, s1, h.stride(0), *aux, ln_eps,
                 KIND=KINDS[kind], LSTM=isinstance(rnn, nn.LSTM), LAYERS=rnn.num_layers, H=rnn.hidden_size,
                 HP=w["hp"], PROX=spec.kernel, HAS_LR=lr_t is not None, MR=mr, W=W,
-                GRAD_X=kind == "dm" and net.inputs == "grad_x", BLOCK=BLOCK,
+                GRAD_X=kind == "dm" and net.inputs == "grad_x", BLOCK=block, PREC=CONFIG["precision"],
+                num_warps=CONFIG["num_warps"],
             )
         off += n
     if mr and W > 1:
