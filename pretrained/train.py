@@ -86,8 +86,11 @@ def _first(errs, tol):
     return next((k for k, e in enumerate(errs) if e <= tol), None)
 
 
-def evaluate_composite(arch, net_sd, config, family_name, family):
-    """Figures for a LASSO / logistic card: learned vs FISTA (true L) on held instances."""
+def evaluate_composite(arch, net_sd, config, family_name, family, only=None):
+    """Figures for a LASSO / logistic card: learned vs FISTA and FISTA with adaptive
+    restart (the headline baseline; true L) on held instances; the learned optimizer
+    also with ``lr=None`` and with its recurrent state stored in bfloat16. ``only``:
+    compute just these runs (``--add-figures``)."""
     prob64 = family.sample(EVAL["instances"], generator=torch.Generator().manual_seed(EVAL["seed"]), dtype=torch.float64)
     F_star = reference_solve(prob64).F
     prob = prob64.to(torch.float32)
@@ -100,16 +103,32 @@ def evaluate_composite(arch, net_sd, config, family_name, family):
 
     spec = get_architecture(arch)
     cls = spec.optimizer
-    runs = {"fista": _trace(prob, lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s), EVAL["iters"], metric=metric)}
+    plan = {"fista": lambda: _trace(prob, lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s), EVAL["iters"],
+                                    metric=metric),
+            "fista_restart": lambda: _trace(prob, lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s,
+                                                                             restart=True, instance_dims=1),
+                                            EVAL["iters"], metric=metric)}
     if spec.applies_prox:
-        runs["learned"] = _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd,
-                                                         instance_dims=1, **config), EVAL["iters"], metric=metric)
-        runs["learned_lr_none"] = _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, weights=net_sd, instance_dims=1,
-                                                                 **config), 300, metric=metric)
+        plan["learned"] = lambda: _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd,
+                                                              instance_dims=1, **config), EVAL["iters"], metric=metric)
+        plan["learned_lr_none"] = lambda: _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, weights=net_sd,
+                                                                      instance_dims=1, **config), 300, metric=metric)
+        plan["learned_bf16_state"] = lambda: _trace(
+            prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd, instance_dims=1,
+                                 state_dtype=torch.bfloat16, **config), 300, metric=metric)
     else:
-        runs["learned"] = _trace(prob, lambda ps: cls(ps, weights=net_sd, **config), EVAL["iters"],
-                                 composite=True, metric=metric)
+        plan["learned"] = lambda: _trace(prob, lambda ps: cls(ps, weights=net_sd, **config), EVAL["iters"],
+                                         composite=True, metric=metric)
+        plan["learned_bf16_state"] = lambda: _trace(
+            prob, lambda ps: cls(ps, weights=net_sd, state_dtype=torch.bfloat16, **config), 300, composite=True,
+            metric=metric)
+    runs = {name: run() for name, run in plan.items() if only is None or name in only}
     figs = {}
+    if only is not None:
+        for name, errs in runs.items():
+            figs[name] = {f"iterations_to_{t:.0e}": _first(errs, t) for t in (1e-2, 1e-4, 1e-6)}
+            figs[name].update({f"error_at_{k}": errs[k] for k in (20, 100, 300, 1000) if k < len(errs)})
+        return figs
     for name, errs in runs.items():
         figs[name] = {f"iterations_to_{t:.0e}": _first(errs, t) for t in (1e-2, 1e-4, 1e-6)}
         figs[name].update({f"error_at_{k}": errs[k] for k in (20, 100, 300, 1000) if k < len(errs)})
@@ -263,6 +282,8 @@ def train_one(arch, family_name, args):
         if arch != variant_arch:
             raise SystemExit(f"--variant {args.variant} applies to {variant_arch} only")
         options.update(variant_options)
+    if args.add_figures:
+        return add_figures(arch, out, family_name, family, args.add_figures)
     if args.card_only:
         net, info = build_network(arch, str(out))
         best, hist_d, seconds = net.state_dict(), (info["card"] or {}).get("training_history", {}), None
@@ -314,6 +335,33 @@ def train_one(arch, family_name, args):
     print(json.dumps({"file": str(out), "figures": figures}, indent=1))
 
 
+def add_figures(arch, out, family_name, family, names):
+    """Measure the runs ``names`` on a shipped card's instances and add them to its
+    figures (the weights, their sha256 and the other figures stay as they are)."""
+    if family_name not in COMPOSITE:
+        raise SystemExit("--add-figures measures the LASSO and logistic cards")
+    net, info = build_network(arch, str(out))
+    card_path = out.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    t0 = time.perf_counter()
+    figs = evaluate_composite(arch, net.state_dict(), net.config(), family_name, family, only=set(names))
+    card["validation"]["figures"].update(figs)
+    for name, f in figs.items():
+        base = card["validation"]["figures"].get("fista_restart", {}).get("iterations_to_1e-06")
+        if name.startswith("learned") and base and f.get("iterations_to_1e-06"):
+            f["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / f["iterations_to_1e-06"], 3)
+    learned = card["validation"]["figures"].get("learned", {})
+    base = card["validation"]["figures"].get("fista_restart", {}).get("iterations_to_1e-06")
+    if base and learned.get("iterations_to_1e-06"):
+        learned["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / learned["iterations_to_1e-06"], 3)
+    card["validation"].setdefault("added", []).append({
+        "runs": sorted(figs), "seconds": round(time.perf_counter() - t0, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "command": f"python pretrained/train.py --family {family_name} --arch {arch} --add-figures {' '.join(names)}"})
+    card_path.write_text(json.dumps(card, indent=1, sort_keys=False) + "\n")
+    print(json.dumps({"file": str(card_path), "added": figs}, indent=1), flush=True)
+
+
 def _meta_loss_text(settings, family_name):
     if settings["loss"] == "last":
         return f"batch-mean F at the last of T = {settings['horizon']} steps, full backpropagation"
@@ -331,6 +379,9 @@ def main(argv=None):
     ap.add_argument("--out", default=str(HERE))
     ap.add_argument("--checkpoints", default=str(HERE / "checkpoints"))
     ap.add_argument("--card-only", action="store_true", help="re-evaluate a shipped file and rewrite its card")
+    ap.add_argument("--add-figures", nargs="+", metavar="RUN",
+                    help="measure these runs (fista_restart, learned_bf16_state, ...) on a shipped card's "
+                         "instances and add them to its figures")
     ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates)")
     args = ap.parse_args(argv)
     families = list(FAMILIES) if "all" in args.family else args.family

@@ -59,10 +59,10 @@ def _problem(shapes, dtype, seed=0):
     return [mk(s) for s in shapes], [mk(s, 0.5) for s in shapes], [mk(s) for s in shapes]
 
 
-def _state(net, shapes, kind, update, lrs, prox, params, steps=3):
+def _state(net, shapes, kind, update, lrs, prox, params, steps=3, dtype=torch.float32):
     """A state after a few reference steps (window partly filled, moments nonzero)."""
     n = sum(torch.Size(s).numel() for s in shapes)
-    state = net.init_state(n, DEVICE)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in net.init_state(n, DEVICE).items()}
     ys, gs, xs = _problem(shapes, torch.float32, seed=1)
     if kind != "pa":
         xs = ys
@@ -73,7 +73,8 @@ def _state(net, shapes, kind, update, lrs, prox, params, steps=3):
 
 
 @pytest.mark.parametrize("name", sorted(NETS))
-@pytest.mark.parametrize("variant", ["l1, scalar lr", "box, per-instance lr, two tensors", "none, bfloat16"])
+@pytest.mark.parametrize("variant", ["l1, scalar lr", "box, per-instance lr, two tensors", "none, bfloat16",
+                                     "l1, bfloat16 state"])
 def test_one_step_matches_reference(name, variant):
     kind, update, make = NETS[name]
     net = make().to(DEVICE)
@@ -81,13 +82,14 @@ def test_one_step_matches_reference(name, variant):
                     "none": ("none", {})}[variant.split(",")[0]]
     if kind == "rnnprop" and prox != "none":
         prox, params = "none", {}
-    dtype = torch.bfloat16 if "bfloat16" in variant else torch.float32
+    dtype = torch.bfloat16 if variant.endswith("bfloat16") else torch.float32
+    state_dtype = torch.bfloat16 if "state" in variant else torch.float32
     shapes = [(3, 50), (3, 20)] if "two" in variant else [(4, 40)]
     if "per-instance" in variant:
         lrs = [torch.tensor([[0.05], [0.1], [0.02]], device=DEVICE) for _ in shapes]
     else:
         lrs = [0.05] * len(shapes)
-    state = _state(net, shapes, kind, update, lrs, prox, params)
+    state = _state(net, shapes, kind, update, lrs, prox, params, dtype=state_dtype)
     ys, gs, xs = _problem(shapes, dtype, seed=2)
     if kind != "pa":
         xs = ys
@@ -107,6 +109,7 @@ def test_one_step_matches_reference(name, variant):
             _close(xs[i], ref_xs[i], f"x[{i}]")
     assert set(got_state) == set(ref_state)
     for k in ref_state:
+        assert got_state[k].dtype == ref_state[k].dtype
         if ref_state[k].is_floating_point():
             _close(got_state[k], ref_state[k], f"state[{k!r}]")
         else:

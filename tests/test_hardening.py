@@ -257,3 +257,25 @@ def test_no_torch_jit_in_the_package():
     root = pathlib.Path(torch_l2o.__file__).parent
     users = [str(p.relative_to(root)) for p in root.rglob("*.py") if "torch.jit" in p.read_text()]
     assert users == []
+
+
+@pytest.mark.parametrize("cls", [torch_l2o.PA, torch_l2o.PAMR, torch_l2o.RNNProp])
+def test_bfloat16_state(cls):
+    """``state_dtype=torch.bfloat16`` stores the recurrent state in bfloat16 (computed in
+    float32), round-trips through ``state_dict``, and a wrong dtype names the choices."""
+    kw = dict(prox="l1", lam=0.1, lr=0.05, instance_dims=1) if cls is not torch_l2o.RNNProp else {}
+    x = torch.randn(3, 40, requires_grad=True)
+    opt = cls([x], state_dtype=torch.bfloat16, **kw)
+    for _ in range(3):
+        opt.zero_grad()
+        (x * x).sum().backward()
+        opt.step()
+    rec = {k for k in opt.net.init_state(1)}
+    assert rec and all(opt.state[x][k].dtype == torch.bfloat16 for k in rec if opt.state[x][k].is_floating_point())
+    assert opt.state[x]["h"].abs().sum() > 0
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = cls([x2], state_dtype=torch.bfloat16, **kw)
+    opt2.load_state_dict(opt.state_dict())
+    assert all(torch.equal(opt2.state[x2][k], opt.state[x][k]) for k in rec)
+    with pytest.raises(ValueError, match="state_dtype must be one of"):
+        cls([x], state_dtype=torch.float64, **kw)

@@ -148,12 +148,12 @@ class PAMRNet(CoordinateNet):
             q = o.reshape(instances, -1, o.shape[-1])
             u = self.attn(q, q, q, need_weights=False)[0].reshape(o.shape)
         elif self.window > 1:
-            keys = torch.cat([state["window"], o.unsqueeze(1)], 1)  # (N, W, d): oldest first, current last
+            keys = torch.cat([state["window"].to(o.dtype), o.unsqueeze(1)], 1)  # (N, W, d): oldest first, current last
             filled = state["filled"]
             # slot j holds an output iff it is the current one or one of the `filled` previous
             ignore = torch.arange(self.window, device=o.device) < (self.window - 1 - filled)
             u = self._window_attention(o, keys, ignore)
-            new["window"] = keys[:, 1:]
+            new["window"] = keys[:, 1:].to(state["window"].dtype)
             new["filled"] = torch.clamp(filled + 1, max=self.window - 1)
         else:
             u = self._window_attention(o, o.unsqueeze(1), None)

@@ -24,12 +24,15 @@ _BACKENDS: list[tuple[str, CellBackend]] = []
 
 def rnn_step_reference(rnn: nn.RNNBase, inp: Tensor, state: State) -> tuple[Tensor, State]:
     """One time step of a multi-layer ``nn.LSTM`` / ``nn.GRU`` over ``N`` independent
-    coordinates: ``inp`` is ``(N, F)``, ``state["h"]`` (and ``["c"]``) ``(layers, N, hidden)``."""
+    coordinates: ``inp`` is ``(N, F)``, ``state["h"]`` (and ``["c"]``) ``(layers, N, hidden)``.
+    A state stored in lower precision is computed in ``inp``'s dtype and stored back rounded."""
+    dt = state["h"].dtype
+    cast = (lambda t: t.to(inp.dtype)) if dt != inp.dtype else (lambda t: t)  # noqa: E731
     if isinstance(rnn, nn.LSTM):
-        out, (h, c) = rnn(inp.unsqueeze(0), (state["h"], state["c"]))
-        return out.squeeze(0), {"h": h, "c": c}
-    out, h = rnn(inp.unsqueeze(0), state["h"])
-    return out.squeeze(0), {"h": h}
+        out, (h, c) = rnn(inp.unsqueeze(0), (cast(state["h"]), cast(state["c"])))
+        return out.squeeze(0), {"h": h.to(dt), "c": c.to(dt)}
+    out, h = rnn(inp.unsqueeze(0), cast(state["h"]))
+    return out.squeeze(0), {"h": h.to(dt)}
 
 
 def register_cell_backend(name: str, fn: CellBackend | None) -> None:

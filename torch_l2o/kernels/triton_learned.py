@@ -219,10 +219,10 @@ if HAVE_TRITON:
                 out = 0.1 * (tl.sum(o * _vec(head_ptr, HP)[None, :], axis=1) + tl.load(head_ptr + HP))
                 d = -out
             else:  # RNNProp: moments (aux0 = 1 - b1^(k+1), aux1 = 1 - b2^(k+1)), ELU(Linear(2, H)), LSTM, tanh
-                m = 0.95 * tl.load(m_ptr + rows, mask=rmask, other=0.0) + (1 - 0.95) * g
-                v2 = 0.95 * tl.load(v_ptr + rows, mask=rmask, other=0.0) + (1 - 0.95) * g * g
-                tl.store(m_ptr + rows, m, mask=rmask)
-                tl.store(v_ptr + rows, v2, mask=rmask)
+                m = 0.95 * tl.load(m_ptr + rows, mask=rmask, other=0.0).to(tl.float32) + (1 - 0.95) * g
+                v2 = 0.95 * tl.load(v_ptr + rows, mask=rmask, other=0.0).to(tl.float32) + (1 - 0.95) * g * g
+                tl.store(m_ptr + rows, m.to(m_ptr.dtype.element_ty), mask=rmask)
+                tl.store(v_ptr + rows, v2.to(v_ptr.dtype.element_ty), mask=rmask)
                 den = tl.sqrt(v2 / aux1) + 1e-8
                 f0 = g / den
                 f1 = (m / aux0) / den

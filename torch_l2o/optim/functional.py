@@ -179,15 +179,15 @@ def rnnprop_update(
         return list(ys), list(ys), new
     b1, b2 = betas
     gf = _flat(gs).float()
-    m = b1 * state["m"] + (1 - b1) * gf
-    v = b2 * state["v"] + (1 - b2) * gf * gf
+    m = b1 * state["m"].float() + (1 - b1) * gf
+    v = b2 * state["v"].float() + (1 - b2) * gf * gf
     m_hat = m / (1 - b1 ** (step + 1))
     denom = torch.sqrt(v / (1 - b2 ** (step + 1))) + eps
     net_state = {k: t for k, t in state.items() if k not in ("m", "v")}
     out, new_state = net(torch.stack([gf / denom, m_hat / denom], -1), net_state)
     xs_new = [prox_grad_step(y, (0.1 * o).to(y.dtype), x, lr=s, inplace=inplace)[0]
               for y, x, s, o in zip(ys, xs, _lrs(lr, len(ys)), _split(out, ys))]
-    new_state.update(m=m, v=v)
+    new_state.update(m=m.to(state["m"].dtype), v=v.to(state["v"].dtype))
     return xs_new, xs_new, new_state
 
 

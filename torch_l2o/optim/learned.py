@@ -5,8 +5,8 @@ architecture's pure update function (:mod:`torch_l2o.optim.functional`), the sam
 function meta-training differentiates; both are looked up in :mod:`torch_l2o.registry`.
 One step calls the network once per param group (per batch of the group's tensors
 that share device, dtype and step count), like ``torch.optim``'s multi-tensor paths.
-The network's recurrent state lives per parameter in ``self.state``, float32 whatever
-the parameter's dtype, and starts at zero.
+The network's recurrent state lives per parameter in ``self.state``, float32 (or the
+``state_dtype`` asked for) whatever the parameter's dtype, and starts at zero.
 """
 
 from __future__ import annotations
@@ -25,6 +25,9 @@ from .safeguard import safeguarded_step
 
 __all__ = ["LearnedOptimizer", "ProxLearnedOptimizer", "OutputLearnedOptimizer", "PA", "PAGRU", "PAMR", "L2ODM",
            "RNNProp", "MathGD"]
+
+
+STATE_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def gather_state(dims: dict[str, int | None], states: list[dict]) -> dict[str, Tensor]:
@@ -57,13 +60,20 @@ class LearnedOptimizer(ProxOptimizer):
         weights: a pretrained name (``"lasso"``, ``"logistic"``, ...), a path to a
             ``.safetensors`` file, a state dict, ``"untrained"``, or ``None`` for the
             default pretrained weights.
+        state_dtype: storage of the network's recurrent state (``torch.bfloat16`` halves
+            the bytes a step moves; it is computed in float32 either way, and rounded
+            to the storage once per step). Its effect on iterations is on the cards.
         **options: the network's constructor arguments (e.g. ``window``, ``heads``,
             ``attend`` for PA-MR); they must match a weight file's.
     """
 
     arch: str = ""
 
-    def __init__(self, params: Iterable, defaults: dict[str, Any], weights: Any = None, **options: Any) -> None:
+    def __init__(self, params: Iterable, defaults: dict[str, Any], weights: Any = None,
+                 state_dtype: torch.dtype = torch.float32, **options: Any) -> None:
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {', '.join(map(str, STATE_DTYPES))}, got {state_dtype!r}")
+        self.state_dtype = state_dtype
         self.architecture: Architecture = get_architecture(self.arch)
         self.net, self.weights_info = build_network(self.arch, weights, **options)
         self._dims = self.net.coordinate_dims()
@@ -84,7 +94,8 @@ class LearnedOptimizer(ProxOptimizer):
             if "step" in s:
                 continue
             s["step"] = 0
-            s.update(net.init_state(p.numel(), p.device))
+            s.update({k: v.to(self.state_dtype) if v.is_floating_point() else v
+                      for k, v in net.init_state(p.numel(), p.device).items()})
             if self.architecture.extrapolates:
                 s["x"] = p.detach().clone()
 
@@ -184,10 +195,10 @@ class ProxLearnedOptimizer(LearnedOptimizer):
     def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, weights: Any = None, safeguard: bool = False,
                  watchdog: bool = True, instance_dims: int | None = None, nonfinite: str = "raise",
-                 **options: Any) -> None:
+                 state_dtype: torch.dtype = torch.float32, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, safeguard=safeguard,
                                       watchdog=watchdog, instance_dims=instance_dims, nonfinite=nonfinite),
-                         weights, **options)
+                         weights, state_dtype, **options)
 
     def _check_group(self, group) -> None:
         if group.get("safeguard") and not self.architecture.extrapolates:
@@ -203,9 +214,10 @@ class OutputLearnedOptimizer(LearnedOptimizer):
 
     def __init__(self, params: Iterable, lr: float = 1.0, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, weights: Any = None, instance_dims: int | None = None,
-                 nonfinite: str = "raise", **options: Any) -> None:
+                 nonfinite: str = "raise", state_dtype: torch.dtype = torch.float32, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
-                                      instance_dims=instance_dims, nonfinite=nonfinite), weights, **options)
+                                      instance_dims=instance_dims, nonfinite=nonfinite), weights, state_dtype,
+                         **options)
 
     def _check_group(self, group) -> None:
         name = type(self).__name__
