@@ -80,11 +80,14 @@ def run_method(
     closure: bool = False,
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
+    stop_below: float | None = None,
 ) -> Trace:
     """Run ``make_opt([x])`` for ``iters`` steps on every instance at once.
 
     ``composite_loss``: differentiate ``F = f + r`` (subgradient methods such as Adam)
     instead of the smooth part. ``closure``: pass a closure to ``step`` (backtracking).
+    ``stop_below``: stop early once the mean relative error is at most this (default:
+    run all ``iters``).
     """
     p = problem.to(device=device, dtype=dtype)
     p64 = problem.to(device=device, dtype=torch.float64)
@@ -117,6 +120,8 @@ def run_method(
             err = float(mean_relative_error(p64.objective(solution(x).double()), F_star))
         errors.append(err if math.isfinite(err) else float("inf"))
         seconds.append(elapsed)
+        if stop_below is not None and errors[-1] <= stop_below:
+            break
     return Trace(name, errors, seconds)
 
 

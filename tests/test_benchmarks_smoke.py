@@ -1,0 +1,56 @@
+"""Smoke tests of the step and walltime benchmark suites at toy sizes (seconds, CPU)."""
+
+import math
+import os
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), os.pardir, "benchmarks")))
+
+from suites import step, walltime
+
+pytest.importorskip("sklearn")
+
+
+def _cfg(**kw):
+    return SimpleNamespace(device="cpu", full=False, seed=0, **kw)
+
+
+def test_step_optimizer_cost_counts_min_bytes():
+    cfg = _cfg()
+    n = 2000
+    roofline = step.copy_bandwidth(n, "cpu", cfg)
+    assert roofline > 0
+    # one row per optimizer: the default path (a fused backend adds a "reference" row)
+    rows = {}
+    for r in step.optimizer_costs(cfg, roofline, [n]):
+        rows.setdefault(r["optimizer"], r)
+    assert {"Adam", "ISTA", "FISTA", "FISTA-restart", "L2O-DM", "RNNProp", "L2O-PA", "L2O-PA-GRU", "L2O-PA-MR"} <= set(rows)
+    # p read + written, g read; Adam also m, v read + written (its step counter: 4 bytes in all)
+    assert rows["ISTA"]["min bytes/element"] == 12
+    assert rows["Adam"]["min bytes/element"] == pytest.approx(28, abs=0.01)
+    assert rows["FISTA"]["min bytes/element"] == pytest.approx(20, abs=0.01)
+    assert rows["Adam"]["time vs Adam"] == 1
+    for r in rows.values():
+        assert math.isfinite(r["% of roofline"]) and r["% of roofline"] > 0
+        assert r["path"] in ("-", "fused", "reference", "mixed")
+    assert rows["Adam"]["path"] == "-" and rows["L2O-PA"]["path"] != "-"
+    assert rows["L2O-PA"]["state bytes/element"] > 100  # the LSTM state
+
+
+def test_walltime_runs_and_ranks_the_headline_first(monkeypatch):
+    monkeypatch.setattr(walltime, "sizes", lambda cfg: [(2, 20)])
+    monkeypatch.setitem(sys.modules, "skglm", None)  # its numba compilation takes seconds
+    res = walltime.run(_cfg())
+    rows = res["tables"]["walltime"]
+    assert rows[0]["method"].startswith("FISTA-restart (")
+    assert rows[0]["time/FISTA-restart @1e-06"] == 1
+    torch_rows = [r for r in rows if "batch of" in r["method"]]
+    assert {r["method"].split(" (")[0] for r in torch_rows} >= {"FISTA-restart", "FISTA", "L2O-PA", "L2O-PA-MR"}
+    for r in torch_rows:
+        assert r["it@1e-06"] is not None and r["iters run"] == r["it@1e-06"]  # stopped at the target
+        assert r["ms/it"] > 0
+    assert any(r["method"].startswith("scikit-learn Lasso") and r["s@1e-06"] is not None for r in rows)
+    assert res["tables"]["crossover"]
