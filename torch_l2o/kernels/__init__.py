@@ -196,3 +196,4 @@ def prox_grad_step(
     return x, y
 
 from . import triton_learned  # noqa: E402,F401  (registers the Triton fused-step backend)
+from . import cpu_step  # noqa: E402,F401  (registers the CPU fused-step backend)

@@ -1,0 +1,282 @@
+"""The fused CPU learned step (:mod:`torch_l2o.kernels.cpu_step`) against the PyTorch reference.
+
+The reference is the update function's own PyTorch code (``use_fused(False)``). Both
+run the network in float32 but not bit for bit alike: Cephes-style ``exp``/``tanh``
+against MKL's (about 1 ulp each), fused multiply-adds and other summation orders in
+dot products of at most 40 terms (a few ``K * eps`` of the terms' magnitudes), and
+PA-MR's attention re-associated. Measured per step: 1e-7 to 2e-6 of each tensor's
+largest magnitude. We allow ``RTOL = 2e-5`` of it: 10x the largest measured, far
+below what a wrong weight, gate, bias or prox moves (1e-2 and up).
+
+The backend declines under ``TRITON_INTERPRET=1`` (set by conftest on a CPU-only
+machine) unless named, so the tests name it: ``use_fused("cpu")``.
+"""
+
+import copy
+
+import pytest
+import torch
+
+import torch_l2o
+from torch_l2o.kernels import cpu_step
+from torch_l2o.kernels.cpu_step import cpu_learned_step, set_cpu_step_backend
+from torch_l2o.kernels.fused import fused_step, use_fused
+from torch_l2o.nets import DMNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
+from torch_l2o.optim.functional import dm_update, pa_update, rnnprop_update
+from torch_l2o.weights import build_network
+
+pytestmark = pytest.mark.skipif(cpu_step._compiler() is None, reason="needs a C++ compiler")
+RTOL = 2e-5
+
+# kind, update, network factory: the shipped networks and configurations that exercise
+# the kernel's shape parameters (odd hidden size and three layers, a window of one,
+# three heads of four, L2O-DM on raw [g, x])
+NETS = {
+    "pa": ("pa", pa_update, lambda: build_network("pa", "lasso")[0]),
+    "pagru": ("pa", pa_update, lambda: build_network("pagru", "lasso")[0]),
+    "pamr": ("pa", pa_update, lambda: build_network("pamr", "lasso")[0]),
+    "l2odm": ("dm", dm_update, lambda: build_network("l2odm", "lasso")[0]),
+    "rnnprop": ("rnnprop", rnnprop_update, lambda: build_network("rnnprop", "lasso")[0]),
+    "pa-h5-3layers": ("pa", pa_update, lambda: PANet(hidden=5, layers=3)),
+    "pamr-window1": ("pa", pa_update, lambda: PAMRNet(window=1).eval()),
+    "pamr-h12-w3": ("pa", pa_update, lambda: PAMRNet(hidden=12, heads=3, window=3).eval()),
+    "l2odm-grad_x": ("dm", dm_update, lambda: DMNet(inputs="grad_x")),
+}
+PROX = {"l1": {"lam": 0.1}, "box": {"lo": -0.5, "hi": 0.8}, "elastic_net": {"lam": 0.1, "lam2": 0.3},
+        "nonneg_l1": {"lam": 0.05}, "none": {}}
+
+
+def _close(got, ref, what):
+    scale = ref.double().abs().max().clamp(min=1e-30)
+    err = (got.double() - ref.double()).abs().max()
+    assert err <= RTOL * scale, f"{what}: max error {err:.3g} > {RTOL:.3g} x {scale:.3g}"
+
+
+def _compare(got_state, ref_state, ys, ref_ys, xs, ref_xs, kind):
+    for i in range(len(ys)):
+        _close(ys[i], ref_ys[i], f"y[{i}]")
+        if kind == "pa":
+            _close(xs[i], ref_xs[i], f"x[{i}]")
+    assert set(got_state) == set(ref_state)
+    for k in ref_state:
+        assert got_state[k].dtype == ref_state[k].dtype and got_state[k].shape == ref_state[k].shape
+        if ref_state[k].is_floating_point():
+            _close(got_state[k], ref_state[k], f"state[{k!r}]")
+        else:
+            assert torch.equal(got_state[k], ref_state[k])
+
+
+def _problem(shapes, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    mk = lambda s, scale=1.0: (scale * torch.randn(s, generator=gen)).to(dtype)  # noqa: E731
+    return [mk(s) for s in shapes], [mk(s, 0.5) for s in shapes], [mk(s) for s in shapes]
+
+
+def _state(net, shapes, kind, update, lrs, prox, params, steps=3):
+    """A state after a few reference steps (window partly filled, moments nonzero)."""
+    state = net.init_state(sum(torch.Size(s).numel() for s in shapes))
+    ys, gs, xs = _problem(shapes, torch.float32, seed=1)
+    xs = xs if kind == "pa" else ys
+    with use_fused(False), torch.no_grad():
+        for k in range(steps):
+            xs, ys, state = update(net, state, ys, gs, xs, lr=lrs, prox=prox, params=params, step=k, inplace=False)
+    return state
+
+
+def _step_both(kind, update, net, state, ys, gs, xs, lrs, prox, params, step):
+    """One in-place step by the reference and by the backend, each on its own copies."""
+    ref_ys = [y.clone() for y in ys]
+    ref_xs = [x.clone() for x in xs] if kind == "pa" else ref_ys
+    with use_fused(False), torch.no_grad():
+        _, _, ref_state = update(net, copy.deepcopy(state), ref_ys, gs, ref_xs, lr=lrs, prox=prox, params=params,
+                                 step=step, inplace=True)
+    got_ys = [y.clone() for y in ys]
+    got_xs = [x.clone() for x in xs] if kind == "pa" else got_ys
+    with use_fused("cpu"), torch.no_grad():
+        got_state = cpu_learned_step(kind, net, copy.deepcopy(state), got_ys, gs, got_xs, lr=lrs, prox=prox,
+                                     params=params, step=step)
+    assert got_state is not None, "the backend declined a step it serves"
+    _compare(got_state, ref_state, got_ys, ref_ys, got_xs, ref_xs, kind)
+    return ref_ys, ref_xs, ref_state
+
+
+@pytest.mark.parametrize("name", sorted(NETS))
+@pytest.mark.parametrize("variant", ["l1, scalar lr", "box, per-instance lr, two tensors",
+                                     "elastic_net, float64", "nonneg_l1, per-coordinate lr"])
+def test_one_step_matches_reference(name, variant):
+    kind, update, make = NETS[name]
+    net = make()
+    prox = variant.split(",")[0] if kind != "rnnprop" else "none"  # RNNProp applies no prox
+    params = PROX[prox]
+    dtype = torch.float64 if "float64" in variant else torch.float32
+    shapes = [(3, 50), (3, 20)] if "two" in variant else [(4, 40)]
+    if "per-instance" in variant:
+        lrs = [torch.tensor([[0.05], [0.1], [0.02]]) for _ in shapes]
+    elif "per-coordinate" in variant:
+        lrs = [0.01 + 0.1 * torch.rand(s, generator=torch.Generator().manual_seed(3)) for s in shapes]
+    else:
+        lrs = [0.05] * len(shapes)
+    state = _state(net, shapes, kind, update, lrs, prox, params)
+    ys, gs, xs = _problem(shapes, dtype, seed=2)
+    _step_both(kind, update, net, state, ys, gs, xs if kind == "pa" else ys, lrs, prox, params, step=3)
+
+
+@pytest.mark.parametrize("name", ["pa", "pagru", "pamr", "l2odm", "rnnprop"])
+def test_fifty_steps_of_a_lasso_run_match_reference(name):
+    """Step by step along 50 reference steps on a LASSO batch (B = 8, n = 64): from the
+    reference's state and iterates at each step the backend's step agrees with the
+    reference's to RTOL, the window filling up and the moments building as in a run."""
+    kind, update, make = NETS[name]
+    net = make()
+    prob = torch_l2o.problems.Lasso(m=48, n=64, sparsity=6, lam=0.1).sample(8, generator=torch.Generator().manual_seed(0))
+    if kind == "pa":
+        lr, prox, params = 0.9999 / prob.lipschitz[:, None], "l1", {"lam": 0.1}
+    else:
+        lr, prox, params = 0.05, "none", {}
+    y = torch.zeros(8, 64)
+    x = y.clone()
+    state = net.init_state(y.numel())
+    for k in range(50):
+        g = prob.grad(y)
+        ys, xs, state = _step_both(kind, update, net, state, [y], [g], [x] if kind == "pa" else [y], [lr], prox,
+                                   params, step=k)
+        y, x = ys[0], xs[0]
+
+
+@pytest.mark.parametrize("arch", ["pa", "pagru", "pamr"])
+def test_optimizer_runs_stay_together_for_50_steps(arch, monkeypatch):
+    """``opt.step()`` run through the backend and through the reference from the same
+    start: after 50 steps the iterates agree to RTOL (measured: 1.4e-7 of max |x|). The
+    PA family's steps contract on LASSO, so rounding differences do not accumulate.
+    (L2O-DM's and RNNProp's features normalise the gradient, log|g| and sign g, g /
+    sqrt(v): near the minimiser the reference itself, started 1e-7 away, moves by 1e-3
+    in 50 steps; their 50 steps are compared step by step above.)"""
+    calls = []
+    real = cpu_learned_step
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    from torch_l2o.kernels import fused
+
+    monkeypatch.setattr(fused, "_BACKENDS", [("cpu", spy)])
+    prob = torch_l2o.problems.Lasso(m=48, n=64, sparsity=6, lam=0.1).sample(8, generator=torch.Generator().manual_seed(0))
+    runs = []
+    for backend in ("cpu", False):
+        x = torch.zeros(8, 64, requires_grad=True)
+        opt = torch_l2o.get_architecture(arch).optimizer([x], prox="l1", lam=0.1, lr=0.9999 / prob.lipschitz[:, None],
+                                                         weights="lasso", instance_dims=1, watchdog=False)
+        with use_fused(backend):
+            for _ in range(50):
+                opt.zero_grad()
+                prob.smooth(x).sum().backward()
+                opt.step()
+        runs.append((x.detach().clone(), opt.solution(x).clone()))
+    assert calls == [True] * 50
+    for got, ref in zip(*runs):
+        _close(got, ref, "x")
+
+
+def test_threads_match_reference(monkeypatch):
+    """Several OpenMP threads (a call large enough to share) compute the same step."""
+    monkeypatch.setattr(cpu_step, "_THREAD_CHUNK", 256)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        n = 2 * 256 + 37  # and a partial last tile
+        kind, update, make = NETS["pamr"]
+        net = make()
+        state = _state(net, [(n,)], kind, update, [0.05], "l1", PROX["l1"], steps=2)
+        ys, gs, xs = _problem([(n,)], torch.float32, seed=2)
+        _step_both(kind, update, net, state, ys, gs, xs, [0.05], "l1", PROX["l1"], step=2)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_declines_what_it_does_not_serve(monkeypatch):
+    shapes = [(2, 30)]
+    ys, gs, xs = _problem(shapes, torch.float32)
+    common = {"lr": 0.1, "prox": "l1", "params": {"lam": 0.1}, "step": 0}
+    pa = PANet().requires_grad_(False)
+    st = pa.init_state(60)
+    with use_fused("cpu"):
+        assert cpu_learned_step("pa", pa, st, [y.clone() for y in ys], gs, [x.clone() for x in xs], **common) is not None
+        # dropout active (training mode), attention across coordinates, a subclass
+        pamr = PAMRNet()
+        assert cpu_learned_step("pa", pamr.train(), pamr.init_state(60), ys, gs, xs, **common) is None
+        coords = PAMRNet(attend="coordinates").eval()
+        assert cpu_learned_step("pa", coords, coords.init_state(60), ys, gs, xs, **common) is None
+
+        class MyNet(PANet):
+            pass
+
+        mine = MyNet()
+        assert cpu_learned_step("pa", mine, mine.init_state(60), ys, gs, xs, **common) is None
+        assert cpu_learned_step("dm", pa, st, ys, gs, ys, **common) is None  # a network of another kind
+        # half-precision iterates, mixed dtypes, another device (meta stands in for CUDA)
+        bf = [t.to(torch.bfloat16) for t in ys]
+        assert cpu_learned_step("pa", pa, st, bf, [t.to(torch.bfloat16) for t in gs], bf, **common) is None
+        assert cpu_learned_step("pa", pa, st, ys, [g.double() for g in gs], xs, **common) is None
+        meta = [torch.empty(2, 30, device="meta")]
+        assert cpu_learned_step("pa", pa, st, meta, meta, meta, **common) is None
+        # proxes: not elementwise, a tensor strength, an unknown strength; RNNProp applies none
+        assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=0.1, prox="group_l1", params={"lam": 0.1},
+                                step=0) is None
+        assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=0.1, prox="l1", params={"lam": torch.tensor(0.1)},
+                                step=0) is None
+        assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=0.1, prox="l1", params={"mu": 0.1}, step=0) is None
+        rp = RNNPropNet()
+        assert cpu_learned_step("rnnprop", rp, rp.init_state(60), ys, gs, ys, **common) is None
+        # an lr that does not broadcast as the kernel indexes it; a state of the wrong size
+        assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=torch.full((30,), 0.1), prox="l1",
+                                params={"lam": 0.1}, step=0) is None
+        assert cpu_learned_step("pa", PAGRUNet(), {}, ys, gs, xs, **common) is None
+        assert cpu_learned_step("pa", pa, pa.init_state(61), ys, gs, xs, **common) is None
+        bf_state = {k: v.to(torch.bfloat16) for k, v in st.items()}  # state_dtype=torch.bfloat16
+        assert cpu_learned_step("pa", pa, bf_state, ys, gs, xs, **common) is None
+        # autograd through the inputs (the dispatcher) or the network
+        yg = [ys[0].clone().requires_grad_(True)]
+        assert fused_step("pa", pa, st, yg, gs, xs, **common) is None
+        grad_net = PANet()
+        assert cpu_learned_step("pa", grad_net, st, ys, gs, xs, **common) is None
+    # switched off
+    prev = set_cpu_step_backend("reference")
+    try:
+        with use_fused("cpu"):
+            assert cpu_learned_step("pa", pa, st, ys, gs, xs, **common) is None
+    finally:
+        set_cpu_step_backend(prev)
+    # not named: under the Triton interpreter, and below the size threshold
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert cpu_learned_step("pa", pa, st, ys, gs, xs, **common) is None
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert cpu_learned_step("pa", pa, st, ys, gs, xs, **common) is None  # 60 < MIN_NUMEL
+    monkeypatch.setattr(cpu_step, "MIN_NUMEL", 60)
+    assert cpu_learned_step("pa", pa, st, [y.clone() for y in ys], gs, [x.clone() for x in xs], **common) is not None
+
+
+def test_default_dispatch_without_the_interpreter(monkeypatch):
+    """Unnamed (``use_fused(True)``, what users run) the backend takes a large enough CPU step."""
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    n = cpu_step.MIN_NUMEL
+    net = build_network("pa", "lasso")[0]
+    ys, gs, xs = _problem([(n,)], torch.float32)
+    with use_fused(True), torch.no_grad():
+        assert fused_step("pa", net, net.init_state(n), ys, gs, xs, lr=0.1, prox="l1", params={"lam": 0.1},
+                          step=0) is not None
+
+
+def test_switch_and_missing_compiler(monkeypatch):
+    prev = set_cpu_step_backend("eager")
+    try:
+        assert set_cpu_step_backend("compile") == "reference"
+        with pytest.raises(ValueError, match="cpu step backend"):
+            set_cpu_step_backend("triton")
+    finally:
+        set_cpu_step_backend(prev)
+    monkeypatch.setattr(cpu_step, "_compiler", lambda: None)
+    monkeypatch.setattr(cpu_step, "_WARNED", False)
+    with pytest.warns(RuntimeWarning, match="could not be compiled"):
+        assert cpu_step._build({"KIND": 0, "LSTM": 1, "LAYERS": 1, "HID": 3, "MR": 0, "WIN": 1, "HEADS": 1, "GRADX": 0}) is None
