@@ -1,6 +1,6 @@
 """Benchmark suites: each ``run(cfg) -> dict`` with ``tables`` (name -> rows) and ``plots``."""
 
-from . import ablation, composite, gso, mathl2o, nn, safeguard, step, walltime
+from . import ablation, composite, gso, mathl2o, nn, ood, safeguard, step, walltime
 
 SUITES = {
     "lasso": composite.lasso,
@@ -14,6 +14,7 @@ SUITES = {
     "gso": gso.run,
     "mathl2o": mathl2o.run,
     "step": step.run,
+    "ood": ood.run,
 }
 
 # The quick default (``python benchmarks/run.py``, under 10 minutes on a 2-core CPU); the
