@@ -183,8 +183,9 @@ class ProxLearnedOptimizer(LearnedOptimizer):
     architecture you register).
 
     ``safeguard=True`` (extrapolating architectures, with ``step(closure)``) accepts a
-    learned step only where it decreases ``F`` as much as ISTA would guarantee
-    (:mod:`torch_l2o.optim.safeguard`). Without it, ``watchdog=True`` (the default)
+    learned step only where it beats FISTA-restart (run alongside in the state) and takes
+    FISTA-restart's step elsewhere: never behind FISTA-restart's model, O(1/k^2) on convex
+    problems (:mod:`torch_l2o.optim.safeguard`). Without it, ``watchdog=True`` (the default)
     catches an instance whose learned steps diverge and moves it to FISTA-restart steps
     from its best point, with a warning (:mod:`torch_l2o.optim.watchdog`)."""
 
@@ -245,8 +246,8 @@ class PA(ProxLearnedOptimizer):
 
     ``s = lr`` (``0.9999 / L``; ``None``: estimated, see :mod:`torch_l2o.optim.stepsize`),
     ``x_0 = y_0``, ``h_0 = 0``. ``safeguard=True`` (with ``step(closure)``) accepts a
-    learned step only where it decreases ``F`` as much as ISTA would guarantee, and takes
-    the ISTA step elsewhere (:mod:`torch_l2o.optim.safeguard`). The network (LSTM 2 x 20) has 5,742 parameters. The
+    learned step only where it beats the step of a FISTA-restart sequence run alongside,
+    and takes that step elsewhere (:mod:`torch_l2o.optim.safeguard`). The network (LSTM 2 x 20) has 5,742 parameters. The
     parameter holds ``y_k``; :meth:`solution` returns ``x_k``.
     """
 
