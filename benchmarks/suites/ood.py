@@ -122,7 +122,7 @@ def _run(label, problem, F_star, make, closure, cfg):
     row["err@stop"] = tr.errors[-1]
     row["iters run"] = len(tr.errors) - 1
     st = kept["opt"].state[kept["p"]]
-    # instances the watchdog moved to FISTA-restart steps; safeguard: share of steps that fell back to ISTA
+    # instances the watchdog moved to FISTA-restart steps; safeguard: share of steps that fell back to FISTA-restart's iterate
     row["watchdog"] = f"{int(st['watchdog'].sum())}/{st['watchdog'].numel()}" if "watchdog" in st else None
     row["fallback rate"] = (round(float(st["fallbacks"].double().mean()) / max(row["iters run"], 1), 3)
                             if "fallbacks" in st else None)
