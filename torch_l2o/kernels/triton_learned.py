@@ -5,9 +5,10 @@ features, the recurrent cells (LSTM or GRU, any depth, hidden size up to 64), PA
 window attention, feed-forward blocks and LayerNorms, the heads, and the prox-gradient
 step with extrapolation, and writes ``x``, ``y`` and the state back: each once. The
 network's weights are packed once (padded to a power of two, transposed for
-``tl.dot``) and read by every program from cache. Matrix products run in IEEE float32
-(``input_precision="ieee"``), not TF32: the PyTorch modules define the step, and TF32's
-10-bit mantissa would move iterates by ~1e-3 relative per step.
+``tl.dot``) and read by every program from cache. Matrix products run as three TF32
+products (``input_precision="tf32x3"``, float32 accuracy on tensor cores; see ``CONFIG``),
+never as one TF32 product, whose 10-bit mantissa would move iterates by ~1e-3 relative
+per step.
 
 Served (``kind`` of :mod:`torch_l2o.kernels.fused`):
 
@@ -38,11 +39,15 @@ from .triton_step import HAVE_TRITON, KERNEL_DTYPES, broadcast_divisor, interpre
 
 __all__ = ["learned_step_triton", "pack_network"]
 
-# Launch configuration: coordinates per program (tl.dot needs >= 16 rows; 64 keeps the
-# cells' registers in bounds), warps, and the matrix products' precision ("ieee": exact
-# float32 FMAs; "tf32x3": three TF32 tensor-core products, ~1e-6 relative, to be measured
-# against the parity tolerance on a GPU). Module state so a benchmark can sweep it.
-CONFIG = {"BLOCK": 64, "num_warps": 4, "precision": "ieee"}
+# Launch configuration: coordinates per program (tl.dot needs >= 16 rows), warps, and the
+# matrix products' precision. "tf32x3" (three TF32 tensor-core products per fp32 product,
+# ~1e-6 relative, inside the parity tolerance of 2e-5) is the default because "ieee" (exact
+# fp32 FMAs) spills registers: compiled for sm_90 (benchmarks/kernel_registers.py, Triton
+# 3.9's ptxas), 64 x 4 warps, spill stores per thread ieee / tf32x3: PA 2204 / 84 B,
+# PA-GRU 0 / 0, PA-MR 104 / 0, L2O-DM 2112 / 44, RNNProp 27148 / 236. Parity of tf32x3 on
+# a GPU is checked by tests/test_fused.py there and by benchmarks/kernel_sweep.py. Module
+# state, so that a benchmark can sweep it.
+CONFIG = {"BLOCK": 64, "num_warps": 4, "precision": "tf32x3"}
 KINDS = {"pa": 0, "dm": 1, "rnnprop": 2}
 MAX_HIDDEN = 64
 
