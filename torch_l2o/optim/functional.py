@@ -1,8 +1,10 @@
 """Pure update rules, one per optimizer.
 
 Each takes tensors and hyper-parameters and returns the new iterates. The optimizer
-classes call them in place under ``no_grad`` (``inplace=True``: the fused kernel on
-CUDA); meta-training calls the same functions out of place, differentiably. Batched:
+classes call them in place under ``no_grad`` (``inplace=True``: the fused prox-step
+kernel on CUDA, and for the learned updates a fused step backend of
+:mod:`torch_l2o.kernels.fused` when one serves the call, with this code as its tested
+reference); meta-training calls the same functions out of place, differentiably. Batched:
 a ``(B, n)`` iterate holds ``B`` instances when per-instance quantities (``lr``,
 ``t``) are shaped ``(B, 1)``.
 
