@@ -48,7 +48,6 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
-import math
 import os
 import platform
 import shutil
@@ -62,9 +61,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..prox import KERNEL_PROX, get_prox
-from .fused import register_step_backend, requested
-from .triton_step import broadcast_divisor, interpret_mode
+from .fused import kernel_prox, lr_operands, packed_weights, register_step_backend, requested, step_constants
+from .triton_step import interpret_mode
 
 __all__ = ["MIN_NUMEL", "compile_library", "cpu_learned_step", "set_cpu_step_backend"]
 
@@ -662,17 +660,6 @@ def _pack(net: nn.Module, cfg: dict[str, int]) -> Tensor:
 _PACKED: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
 
 
-def _packed(net: nn.Module, cfg: dict[str, int], weights: list[Tensor]) -> Tensor:
-    """The packed weights, cached until a parameter changes (storage or version)."""
-    key = (tuple(cfg.items()), tuple((p.data_ptr(), p._version) for p in weights))
-    hit = _PACKED.get(net)
-    if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = (key, _pack(net, cfg))
-        _PACKED[net] = hit
-    return hit[1]
-
-
 # ---------------------------------------------------------------- the backend
 
 
@@ -693,17 +680,10 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     cfg = _config(kind, net)
     if cfg is None:
         return None
-    try:
-        spec = get_prox(prox)
-    except ValueError:
-        return None  # the reference raises its own error
-    params = dict(params or {})
-    if spec.kernel is None or (kind == "rnnprop" and prox != "none") or set(params) - set(KERNEL_PROX[spec.name]):
+    code = kernel_prox(prox, params)
+    if code is None or (kind == "rnnprop" and prox != "none"):
         return None
-    strengths = [params.get(k, spec.defaults[k]) for k in KERNEL_PROX[spec.name]]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in strengths):
-        return None
-    s0, s1 = [float(v) for v in strengths] + [0.0] * (2 - len(strengths))
+    prox_code, s0, s1 = code
     dtype = ys[0].dtype
     if dtype not in DTYPES or len(gs) != len(ys) or len(xs) != len(ys):
         return None
@@ -711,21 +691,9 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
         if not (y.device.type == g.device.type == x.device.type == "cpu" and y.dtype == g.dtype == x.dtype == dtype
                 and y.shape == g.shape == x.shape and y.is_contiguous() and g.is_contiguous() and x.is_contiguous()):
             return None
-    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys)
-    if len(lrs) != len(ys):
+    lr_ops = lr_operands(lr, ys, dtype)  # the reference computes lr * p in the iterates' dtype
+    if lr_ops is None:
         return None
-    lr_ops = []
-    for s, y in zip(lrs, ys):
-        if isinstance(s, Tensor):
-            s = s.detach().to(dtype).contiguous()  # the reference computes lr * p in the iterates' dtype
-            div = broadcast_divisor(s, y) if s.device.type == "cpu" else None
-            if div is None:
-                return None
-            lr_ops.append((s, div, 0.0))
-        elif isinstance(s, (int, float)) and not isinstance(s, bool):
-            lr_ops.append((None, 1, float(s)))
-        else:
-            return None
     weights = list(net.parameters())
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in weights):
         return None
@@ -756,15 +724,10 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     new = dict(state)
     for k in names:
         new[k] = state[k].contiguous()
-    w = _packed(net, cfg, weights)
+    w = packed_weights(_PACKED, net, lambda n: _pack(n, cfg), extra=tuple(cfg.items()))
     h, c = new["h"], new.get("c")
     m, v, win = new.get("m"), new.get("v"), new.get("window")
-    aux = (0.0, 0.0, 0.0)
-    if kind == "dm":
-        p = float(net.preprocess)
-        aux = (p, math.exp(-p), math.exp(p))
-    elif kind == "rnnprop":  # the update's betas (0.95, 0.95): fused_step is only asked with those
-        aux = (1 - 0.95 ** (step + 1), 1 - 0.95 ** (step + 1), 0.0)
+    aux = step_constants(kind, net, step)
     fn = lib.l2o_step_f32 if dtype == torch.float32 else lib.l2o_step_f64
     threads = torch.get_num_threads()
     off = 0
@@ -777,7 +740,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
                 lstride=n_total * H, m=m.data_ptr() + 4 * off if m is not None else None,
                 v=v.data_ptr() + 4 * off if v is not None else None,
                 win=win.data_ptr() + 4 * off * (W - 1) * H if win is not None else None,
-                filled=int(filled) if filled is not None else 0, w=w.data_ptr(), prox=spec.kernel, s0=s0, s1=s1,
+                filled=int(filled) if filled is not None else 0, w=w.data_ptr(), prox=prox_code, s0=s0, s1=s1,
                 aux0=aux[0], aux1=aux[1], aux2=aux[2], ln_eps=float(net.norms[0].eps) if cfg["MR"] else 1e-5,
                 nthreads=max(1, min(threads, n // _THREAD_CHUNK)))
             fn(ctypes.byref(args))

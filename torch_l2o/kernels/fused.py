@@ -19,12 +19,15 @@ reuse the storage of ``state``.
 
 from __future__ import annotations
 
+import math
+import weakref
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-__all__ = ["fused_step", "register_step_backend", "step_backends", "use_fused", "requested"]
+__all__ = ["fused_step", "register_step_backend", "step_backends", "use_fused", "requested", "kernel_prox",
+           "lr_operands", "step_constants", "packed_weights"]
 
 State = dict[str, Tensor]
 StepBackend = Callable[..., Optional[State]]
@@ -87,3 +90,78 @@ def fused_step(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequence[
         if out is not None:
             return out
     return None
+
+
+# ---------------------------------------------------------------- what every backend needs
+
+
+def kernel_prox(prox: str, params: Mapping[str, Any] | None) -> tuple[int, float, float] | None:
+    """``(code, s0, s1)`` of a prox the kernels know (:data:`~torch_l2o.prox.KERNEL_PROX`)
+    with numeric strengths, unused slots 0; ``None`` for anything else (the reference
+    then runs it, and raises its own error for a bad one)."""
+    from ..prox import KERNEL_PROX, get_prox
+
+    try:
+        spec = get_prox(prox)
+    except ValueError:
+        return None
+    params = dict(params or {})
+    if spec.kernel is None or set(params) - set(KERNEL_PROX[spec.name]):
+        return None
+    strengths = [params.get(k, spec.defaults[k]) for k in KERNEL_PROX[spec.name]]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in strengths):
+        return None
+    s0, s1 = [float(v) for v in strengths] + [0.0] * (2 - len(strengths))
+    return spec.kernel, s0, s1
+
+
+def lr_operands(lr: Any, ys: Sequence[Tensor], dtype: torch.dtype | None = None
+                ) -> list[tuple[Tensor | None, int, float]] | None:
+    """Per tensor ``(lr tensor or None, its broadcast divisor, scalar lr)``: a number, or a
+    tensor on the tensor's device that broadcasts as a prefix (``(B, 1)``), cast to
+    ``dtype`` when given; ``None`` if any cannot be served."""
+    from .triton_step import broadcast_divisor
+
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys)
+    if len(lrs) != len(ys):
+        return None
+    out = []
+    for s, y in zip(lrs, ys):
+        if isinstance(s, Tensor):
+            if s.device != y.device:
+                return None
+            s = s.detach().to(dtype).contiguous() if dtype is not None else s.detach().contiguous()
+            div = broadcast_divisor(s, y)
+            if div is None:
+                return None
+            out.append((s, div, 1.0))
+        elif isinstance(s, (int, float)) and not isinstance(s, bool):
+            out.append((None, 1, float(s)))
+        else:
+            return None
+    return out
+
+
+def step_constants(kind: str, net, step: int) -> tuple[float, float, float]:
+    """The per-step constants of the update: L2O-DM's preprocessing ``(p, e^-p, e^p)``,
+    RNNProp's bias corrections ``1 - 0.95^(k+1)`` (its default betas: ``fused_step`` is
+    only asked with those)."""
+    if kind == "dm":
+        p = float(net.preprocess)
+        return p, math.exp(-p), math.exp(p)
+    if kind == "rnnprop":
+        return 1 - 0.95 ** (step + 1), 1 - 0.95 ** (step + 1), 0.0
+    return 0.0, 0.0, 0.0
+
+
+def packed_weights(cache: "weakref.WeakKeyDictionary", net: nn.Module, build: Callable[[nn.Module], Any],
+                   extra: Any = ()) -> Any:
+    """``build(net)``, the weights in a kernel's layout, cached in ``cache`` until a
+    parameter changes (storage or in-place version: meta-training, ``load_state_dict``)."""
+    key = (extra, tuple((p.data_ptr(), p._version) for p in net.parameters()))
+    hit = cache.get(net)
+    if hit is None or hit[0] != key:
+        with torch.no_grad():
+            hit = (key, build(net))
+        cache[net] = hit
+    return hit[1]

@@ -33,9 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..prox import KERNEL_PROX, get_prox
-from .fused import register_step_backend, requested
-from .triton_step import HAVE_TRITON, KERNEL_DTYPES, broadcast_divisor, interpret_mode
+from .fused import kernel_prox, lr_operands, packed_weights, register_step_backend, requested, step_constants
+from .triton_step import HAVE_TRITON, KERNEL_DTYPES, interpret_mode
 
 __all__ = ["learned_step_triton", "pack_network"]
 
@@ -324,13 +323,7 @@ _PACKED: "weakref.WeakKeyDictionary[nn.Module, tuple]" = weakref.WeakKeyDictiona
 
 def pack_network(net: nn.Module) -> dict[str, Any]:
     """The network's weights in the kernel's layout; cached until a parameter changes."""
-    key = tuple((p.data_ptr(), p._version) for p in net.parameters())
-    hit = _PACKED.get(net)
-    if hit is None or hit[0] != key:
-        with torch.no_grad():
-            hit = (key, _pack(net))
-        _PACKED[net] = hit
-    return hit[1]
+    return packed_weights(_PACKED, net, _pack)
 
 
 def _serves(kind: str, net: nn.Module) -> bool:
@@ -356,10 +349,8 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step)
     y0 = ys[0]
     if not (y0.is_cuda or (interpret_mode() and requested() == "triton")) or torch.compiler.is_compiling():
         return None
-    spec = get_prox(prox)
-    if spec.kernel is None or any(isinstance(v, Tensor) for v in (params or {}).values()):
-        return None
-    if kind == "rnnprop" and prox != "none":
+    code = kernel_prox(prox, params)
+    if code is None or (kind == "rnnprop" and prox != "none"):
         return None
     wdev = next(net.parameters()).device
     for y, g, x in zip(ys, gs, xs):
@@ -367,10 +358,9 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step)
                 and y.is_contiguous() and g.is_contiguous() and x.is_contiguous() and y.device == wdev
                 and g.device == y.device and x.device == y.device):
             return None
-    lrs = lr if isinstance(lr, (list, tuple)) else [lr] * len(ys)
-    for s, y in zip(lrs, ys):
-        if isinstance(s, Tensor) and (s.device != y.device or broadcast_divisor(s, y) is None):
-            return None
+    lr_ops = lr_operands(lr, ys)
+    if lr_ops is None:
+        return None
     h = state.get("h")
     if h is None or h.dtype not in (torch.float32, torch.bfloat16):
         return None
@@ -387,31 +377,25 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step)
     W = net.window if mr else 1
     if mr and W > 1 and win is None:
         return None
-    strengths = [float(params.get(k, spec.defaults[k])) for k in KERNEL_PROX[prox]]
-    s0, s1 = strengths + [0.0] * (2 - len(strengths))
-    aux = (0.0, 0.0, 0.0)
-    if kind == "dm":
-        aux = (float(net.preprocess), math.exp(-net.preprocess), math.exp(net.preprocess))
-    elif kind == "rnnprop":
-        aux = (1 - 0.95 ** (step + 1), 1 - 0.95 ** (step + 1), 0.0)
+    prox_code, s0, s1 = code
+    aux = step_constants(kind, net, step)
     ln_eps = float(net.norms[0].eps) if mr else 1e-5
     m, v = new.get("m"), new.get("v")
     filled = new.get("filled")
     off, block = 0, CONFIG["BLOCK"]
-    for y, g, x, s in zip(ys, gs, xs, lrs):
+    for y, g, x, (lr_t, lr_div, lr_s) in zip(ys, gs, xs, lr_ops):
         n = y.numel()
         if n:
-            lr_t = s if isinstance(s, Tensor) else None
             _learned_step_kernel[(triton.cdiv(n, block),)](
                 x, y, g, lr_t if lr_t is not None else y,
                 h[:, off:], c[:, off:],
                 m[off:] if m is not None else y, v[off:] if v is not None else y,
                 win[off:] if win is not None else y, filled if filled is not None else h,
                 w["wx0"], w["wx"], w["wh"], w["b"], w["bhn"], w["head"], w.get("mr", w["head"]),
-                n, broadcast_divisor(lr_t, y) if lr_t is not None else 1, 1.0 if lr_t is not None else float(s),
+                n, lr_div, lr_s,
                 s0, s1, h.stride(0), *aux, ln_eps,
                 KIND=KINDS[kind], LSTM=isinstance(rnn, nn.LSTM), LAYERS=rnn.num_layers, H=rnn.hidden_size,
-                HP=w["hp"], PROX=spec.kernel, HAS_LR=lr_t is not None, MR=mr, W=W,
+                HP=w["hp"], PROX=prox_code, HAS_LR=lr_t is not None, MR=mr, W=W,
                 GRAD_X=kind == "dm" and net.inputs == "grad_x", BLOCK=block, PREC=CONFIG["precision"],
                 num_warps=CONFIG["num_warps"],
             )
