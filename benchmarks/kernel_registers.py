@@ -31,6 +31,7 @@ VARIANTS = {
     "L2O-PA": dict(KIND=0, LSTM=True, LAYERS=2, H=20, HP=32, MR=False, W=1),
     "L2O-PA-GRU": dict(KIND=0, LSTM=False, LAYERS=2, H=16, HP=16, MR=False, W=1),
     "L2O-PA-MR": dict(KIND=0, LSTM=False, LAYERS=2, H=16, HP=16, MR=True, W=8),
+    "PA-MR scaled": dict(KIND=0, LSTM=False, LAYERS=2, H=16, HP=16, MR=True, W=8, SCALED=True),
     "L2O-DM": dict(KIND=1, LSTM=True, LAYERS=2, H=20, HP=32, MR=False, W=1),
     "RNNProp": dict(KIND=2, LSTM=True, LAYERS=2, H=20, HP=32, MR=False, W=1),
 }
@@ -45,7 +46,7 @@ def _signature(kernel, dtype: str, state: str) -> dict[str, str]:
             sig[name] = "*i64"
         elif name.endswith("_ptr"):
             sig[name] = "*" + (dtype if name in _ITER else state if name in _STATE else "fp32")
-        elif name in ("n", "lr_div", "stride_l"):
+        elif name in ("n", "lr_div", "stride_l", "fs_div"):
             sig[name] = "i64"
         elif not name.isupper():
             sig[name] = "fp32"
@@ -74,7 +75,8 @@ def main(argv=None) -> None:
         for prec in args.precision:
             for cfg in args.configs:
                 block, warps = map(int, cfg.split("x"))
-                const = dict(variant, PROX=1, HAS_LR=False, GRAD_X=False, BLOCK=block, PREC=prec)
+                const = {"SCALED": False, **variant, "PROX": 1, "HAS_LR": False, "GRAD_X": False, "BLOCK": block,
+                         "PREC": prec}
                 out = triton.compile(ASTSource(kernel, _signature(kernel, "fp32", "fp32"), constexprs=const),
                                      target=target, options={"num_warps": warps})
                 with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:

@@ -41,6 +41,10 @@ NETS = {
     "pamr-window1": ("pa", pa_update, lambda: PAMRNet(window=1).eval()),
     "pamr-h12-w3": ("pa", pa_update, lambda: PAMRNet(hidden=12, heads=3, window=3).eval()),
     "l2odm-grad_x": ("dm", dm_update, lambda: DMNet(inputs="grad_x")),
+    # scale-free inputs: 1 / sigma per instance (instance_dims=1) from the reference's reduction
+    "pa-scaled": ("pa", pa_update, lambda: PANet(inputs="scaled")),
+    "pagru-scaled": ("pa", pa_update, lambda: PAGRUNet(inputs="scaled")),
+    "pamr-scaled": ("pa", pa_update, lambda: PAMRNet(inputs="scaled").eval()),
 }
 PROX = {"l1": {"lam": 0.1}, "box": {"lo": -0.5, "hi": 0.8}, "elastic_net": {"lam": 0.1, "lam2": 0.3},
         "nonneg_l1": {"lam": 0.05}, "none": {}}
@@ -79,7 +83,8 @@ def _state(net, shapes, kind, update, lrs, prox, params, steps=3):
     xs = xs if kind == "pa" else ys
     with use_fused(False), torch.no_grad():
         for k in range(steps):
-            xs, ys, state = update(net, state, ys, gs, xs, lr=lrs, prox=prox, params=params, step=k, inplace=False)
+            xs, ys, state = update(net, state, ys, gs, xs, lr=lrs, prox=prox, params=params, step=k, inplace=False,
+                                   instance_dims=1)
     return state
 
 
@@ -89,12 +94,12 @@ def _step_both(kind, update, net, state, ys, gs, xs, lrs, prox, params, step):
     ref_xs = [x.clone() for x in xs] if kind == "pa" else ref_ys
     with use_fused(False), torch.no_grad():
         _, _, ref_state = update(net, copy.deepcopy(state), ref_ys, gs, ref_xs, lr=lrs, prox=prox, params=params,
-                                 step=step, inplace=True)
+                                 step=step, inplace=True, instance_dims=1)
     got_ys = [y.clone() for y in ys]
     got_xs = [x.clone() for x in xs] if kind == "pa" else got_ys
     with use_fused("cpu"), torch.no_grad():
         got_state = cpu_learned_step(kind, net, copy.deepcopy(state), got_ys, gs, got_xs, lr=lrs, prox=prox,
-                                     params=params, step=step)
+                                     params=params, step=step, instance_dims=1)
     assert got_state is not None, "the backend declined a step it serves"
     _compare(got_state, ref_state, got_ys, ref_ys, got_xs, ref_xs, kind)
     return ref_ys, ref_xs, ref_state

@@ -43,6 +43,10 @@ NETS = {
     "l2odm": ("dm", dm_update, lambda: build_network("l2odm", "lasso")[0]),
     "l2odm-grad_x": ("dm", dm_update, lambda: DMNet(inputs="grad_x")),
     "rnnprop": ("rnnprop", rnnprop_update, lambda: build_network("rnnprop", "lasso")[0]),
+    # scale-free inputs: 1 / sigma per instance (instance_dims=1) from the reference's reduction
+    "pa-scaled": ("pa", pa_update, lambda: PANet(inputs="scaled")),
+    "pagru-scaled": ("pa", pa_update, lambda: PAGRUNet(inputs="scaled")),
+    "pamr-scaled": ("pa", pa_update, lambda: PAMRNet(inputs="scaled").eval()),
 }
 
 
@@ -68,7 +72,8 @@ def _state(net, shapes, kind, update, lrs, prox, params, steps=3, dtype=torch.fl
         xs = ys
     with use_fused(False), torch.no_grad():
         for k in range(steps):
-            xs, ys, state = update(net, state, ys, gs, xs, lr=lrs, prox=prox, params=params, step=k, inplace=False)
+            xs, ys, state = update(net, state, ys, gs, xs, lr=lrs, prox=prox, params=params, step=k, inplace=False,
+                                   instance_dims=1)
     return state
 
 
@@ -98,10 +103,10 @@ def test_one_step_matches_reference(name, variant):
     ref_xs = ref_xs if kind == "pa" else ref_ys
     with use_fused(False), torch.no_grad():
         _, _, ref_state = update(net, copy.deepcopy(state), ref_ys, gs, ref_xs, lr=lrs, prox=prox, params=params,
-                                 step=3, inplace=True)
+                                 step=3, inplace=True, instance_dims=1)
     with use_fused("triton"):
         got_state = learned_step_triton(kind, net, copy.deepcopy(state), ys, gs, xs, lr=lrs, prox=prox,
-                                        params=params, step=3)
+                                        params=params, step=3, instance_dims=1)
     assert got_state is not None, "the kernel declined a step it serves"
     for i in range(len(shapes)):
         _close(ys[i], ref_ys[i], f"y[{i}]")

@@ -75,14 +75,27 @@ class _PAHeads(nn.Module):
         return 2 * torch.sigmoid(self.p(z)).squeeze(-1), 2 * torch.sigmoid(self.a(z)).squeeze(-1)
 
 
-class PANet(CoordinateNet):
-    """L2O-PA (Liu et al., ICML 2023): LSTM 2 x 20 on ``[g, y]``, a ReLU layer, bounded
-    heads ``p, a`` in (0, 2). 5,742 parameters."""
+def _check_inputs(inputs: str) -> str:
+    if inputs not in PA_INPUTS:
+        raise ValueError(f"inputs must be one of {', '.join(map(repr, PA_INPUTS))}, got {inputs!r}")
+    return inputs
 
-    def __init__(self, hidden: int = 20, layers: int = 2) -> None:
+
+# The PA networks' inputs (torch_l2o.optim.functional.pa_features): "raw" [g, y] as in the
+# papers, or "scaled" [s g / sigma, y / sigma] with a per-instance scale sigma.
+PA_INPUTS = ("raw", "scaled")
+
+
+class PANet(CoordinateNet):
+    """L2O-PA (Liu et al., ICML 2023): LSTM 2 x 20 on ``[g, y]`` (``inputs="raw"``) or on
+    the scale-free ``[s g, y] / sigma`` (``"scaled"``), a ReLU layer, bounded heads ``p, a``
+    in (0, 2). 5,742 parameters."""
+
+    def __init__(self, hidden: int = 20, layers: int = 2, inputs: str = "raw") -> None:
         super().__init__()
         self.rnn = nn.LSTM(2, hidden, layers)
         self.heads = _PAHeads(hidden)
+        self.inputs = _check_inputs(inputs)
 
     def init_state(self, n, device=None):
         return _rnn_state(self.rnn, n, device)
@@ -92,22 +105,25 @@ class PANet(CoordinateNet):
         return self.heads(o), state
 
     def config(self):
-        return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers}
+        return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers, "inputs": self.inputs}
 
 
 class PAGRUNet(PANet):
     """L2O-PA-GRU (ablation of seed 000): L2O-PA with a GRU 2 x 16. 2,898 parameters."""
 
-    def __init__(self, hidden: int = 16, layers: int = 2) -> None:
+    def __init__(self, hidden: int = 16, layers: int = 2, inputs: str = "raw") -> None:
         CoordinateNet.__init__(self)
         self.rnn = nn.GRU(2, hidden, layers)
         self.heads = _PAHeads(hidden)
+        self.inputs = _check_inputs(inputs)
 
 
 class PAMRNet(CoordinateNet):
     """L2O-PA-MR (Liu, 2026, seed 000): GRU 2 x 16, multi-head attention, two FFN blocks
     (Linear-ReLU-Dropout, residual add, LayerNorm), the L2O-PA heads. 4,594 parameters
     with the defaults (fewer than L2O-PA's 5,742, as the paper claims).
+
+    ``inputs``: as for :class:`PANet`.
 
     ``attend="window"`` (default): each coordinate's current GRU output attends to its own
     last ``window`` outputs (this one included): coordinate-wise, linear in the number of
@@ -117,8 +133,9 @@ class PAMRNet(CoordinateNet):
     """
 
     def __init__(self, hidden: int = 16, layers: int = 2, heads: int = 4, window: int = 8,
-                 attend: str = "window", dropout: float = 0.1) -> None:
+                 attend: str = "window", dropout: float = 0.1, inputs: str = "raw") -> None:
         super().__init__()
+        self.inputs = _check_inputs(inputs)
         if attend not in ("window", "coordinates"):
             raise ValueError(f"attend must be 'window' or 'coordinates', got {attend!r}")
         if window < 1:
@@ -181,7 +198,7 @@ class PAMRNet(CoordinateNet):
 
     def config(self):
         return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers, "heads": self.attn.num_heads,
-                "window": self.window, "attend": self.attend, "dropout": self.dropout}
+                "window": self.window, "attend": self.attend, "dropout": self.dropout, "inputs": self.inputs}
 
 
 class DMNet(CoordinateNet):

@@ -227,7 +227,10 @@ def build_network(arch: str, weights: Any = None, **options: Any) -> tuple[Coord
                              f"load it with {_optimizer_name(meta['arch'])}, or give {spec.display_name} its "
                              f"own ({', '.join(available_weights(arch)) or 'none shipped'})")
         config = json.loads(meta.get("config", "{}"))
-        clash = {k: (v, config[k]) for k, v in options.items() if k in config and config[k] != v}
+        # an option the file does not name was trained at its default (files predate the option)
+        trained = {**{k: p.default for k, p in inspect.signature(Net.__init__).parameters.items()
+                      if k != "self" and p.default is not inspect.Parameter.empty}, **config}
+        clash = {k: (v, trained[k]) for k, v in options.items() if k in trained and trained[k] != v}
         if clash:
             raise ValueError(f"{path} was trained with {', '.join(f'{k}={b!r}' for k, (a, b) in clash.items())}; "
                              f"you asked for {', '.join(f'{k}={a!r}' for k, (a, b) in clash.items())}")

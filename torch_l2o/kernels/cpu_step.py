@@ -75,7 +75,8 @@ _THREAD_CHUNK = 16384  # coordinates per OpenMP thread, at least
 
 _SOURCE = r"""
 // torch_l2o fused learned step (CPU). Configuration macros: KIND (0 pa, 1 dm, 2 rnnprop),
-// LSTM (1) or GRU (0), LAYERS, HID, MR (PA-MR window attention + FFN), WIN, HEADS, GRADX.
+// LSTM (1) or GRU (0), LAYERS, HID, MR (PA-MR window attention + FFN), WIN, HEADS, GRADX,
+// SCALED (the PA networks' inputs="scaled").
 #include <stdint.h>
 #include <math.h>
 #if defined(__SSE__)
@@ -187,6 +188,7 @@ struct Args {  // mirrored by cpu_step.py's _Args
   double aux0, aux1, aux2;                    // dm: p, e^-p, e^p; rnnprop: 1 - b1^(k+1), 1 - b2^(k+1)
   double ln_eps;
   int64_t nthreads;
+  const float* fs; int64_t fs_div;           // SCALED: 1 / sigma per instance, indexed i / fs_div
 };
 
 // Packed weights, in order (see _pack in cpu_step.py):
@@ -272,7 +274,16 @@ static void tile(const Args& a, int64_t n0, int cnt) {
   for (int t = 0; t < cnt; t++) { gv[t] = (float)g[t]; yv[t] = (float)y[t]; }
   const float* w = a.w;
   vf inp[IN0];
-#if KIND == 0 || GRADX  // [g, y]
+#if SCALED  // the PA networks' scale-free [s g, y] / sigma, 1 / sigma per instance computed before
+  {
+    vf lv = splat(0.0f), iv = splat(0.0f);
+    for (int t = 0; t < cnt; t++) {
+      lv[t] = a.lr ? (float)((const R*)a.lr)[(n0 + t) / a.lr_div] : (float)a.lr_scalar;
+      iv[t] = a.fs[(n0 + t) / a.fs_div];
+    }
+    inp[0] = (gv * lv) * iv; inp[1] = yv * iv;
+  }
+#elif KIND == 0 || GRADX  // [g, y]
   inp[0] = gv; inp[1] = yv;
 #elif KIND == 1  // L2O-DM's preprocessing: (log|g| / p, sign g) if |g| >= e^-p, else (-1, e^p g)
   {
@@ -458,7 +469,7 @@ class _Args(ctypes.Structure):
                     ("n", "i"), ("y", "p"), ("g", "p"), ("x", "p"), ("lr", "p"), ("lr_div", "i"), ("lr_scalar", "d"),
                     ("h", "p"), ("c", "p"), ("lstride", "i"), ("m", "p"), ("v", "p"), ("win", "p"), ("filled", "i"),
                     ("w", "p"), ("prox", "i"), ("s0", "d"), ("s1", "d"), ("aux0", "d"), ("aux1", "d"), ("aux2", "d"),
-                    ("ln_eps", "d"), ("nthreads", "i"))]
+                    ("ln_eps", "d"), ("nthreads", "i"), ("fs", "p"), ("fs_div", "i"))]
 
 
 # ---------------------------------------------------------------- switch
@@ -612,7 +623,7 @@ def _config_uncached(kind: str, net: nn.Module) -> dict[str, int] | None:
     if rnn.input_size != (hid if t is RNNPropNet else 2):
         return None
     cfg = {"KIND": KINDS[kind], "LSTM": int(type(rnn) is nn.LSTM), "LAYERS": rnn.num_layers, "HID": hid, "MR": 0,
-           "WIN": 1, "HEADS": 1, "GRADX": 0}
+           "WIN": 1, "HEADS": 1, "GRADX": 0, "SCALED": int(kind == "pa" and net.inputs == "scaled")}
     if t is PAMRNet:
         attn = net.attn
         # attention across coordinates is not coordinate-wise; dropout is active in training mode
@@ -668,7 +679,7 @@ def _ptr(t: Tensor | None) -> int | None:
 
 
 def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: Any, prox: str,
-                     params: Any, step: int) -> dict | None:
+                     params: Any, step: int, instance_dims: int = 0) -> dict | None:
     """The fused step backend (see :mod:`torch_l2o.kernels.fused`); ``None`` declines."""
     if _BACKEND != "compile" or kind not in KINDS or not ys:
         return None
@@ -730,8 +741,14 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     aux = step_constants(kind, net, step)
     fn = lib.l2o_step_f32 if dtype == torch.float32 else lib.l2o_step_f64
     threads = torch.get_num_threads()
+    scales = [None] * len(ys)
+    if cfg["SCALED"]:  # the inputs' per-instance reduction, by the reference's own code
+        from ..optim.functional import pa_input_scale
+
+        lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys)
+        scales = [pa_input_scale(y, g, s, instance_dims).contiguous() for y, g, s in zip(ys, gs, lrs)]
     off = 0
-    for y, g, x, (lr_t, div, lr_s) in zip(ys, gs, xs, lr_ops):
+    for y, g, x, (lr_t, div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
         n = y.numel()
         if n:
             args = _Args(
@@ -742,7 +759,8 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
                 win=win.data_ptr() + 4 * off * (W - 1) * H if win is not None else None,
                 filled=int(filled) if filled is not None else 0, w=w.data_ptr(), prox=prox_code, s0=s0, s1=s1,
                 aux0=aux[0], aux1=aux[1], aux2=aux[2], ln_eps=float(net.norms[0].eps) if cfg["MR"] else 1e-5,
-                nthreads=max(1, min(threads, n // _THREAD_CHUNK)))
+                nthreads=max(1, min(threads, n // _THREAD_CHUNK)), fs=_ptr(inv),
+                fs_div=n // inv.numel() if inv is not None else 1)
             fn(ctypes.byref(args))
         off += n
     if filled is not None:

@@ -10,8 +10,10 @@ function's own PyTorch code, which defines the result, runs it then. Out of plac
 (meta-training, the safeguard's proposals) the reference always runs: backends serve
 ``inplace=True`` only, without autograd.
 
-A backend is ``fn(kind, net, state, ys, gs, xs, *, lr, prox, params, step) -> state | None``
-with ``kind`` the update's name (``"pa"``, ``"dm"``, ``"rnnprop"``): it writes ``x_{k+1}``
+A backend is ``fn(kind, net, state, ys, gs, xs, *, lr, prox, params, step, instance_dims)
+-> state | None`` with ``kind`` the update's name (``"pa"``, ``"dm"``, ``"rnnprop"``) and
+``instance_dims`` the leading dims that index instances (per-instance input scales of the
+PA networks' ``inputs="scaled"``): it writes ``x_{k+1}``
 into ``xs`` and ``y_{k+1}`` into ``ys`` (for ``"dm"`` and ``"rnnprop"``, whose ``xs`` are
 the ``ys``, the new iterate into ``ys``) and returns the new network state, which may
 reuse the storage of ``state``.
@@ -77,7 +79,8 @@ def requested() -> str | None:
 
 
 def fused_step(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,
-               lr: Any, prox: str, params: Mapping[str, Any] | None, step: int) -> State | None:
+               lr: Any, prox: str, params: Mapping[str, Any] | None, step: int, instance_dims: int = 0
+               ) -> State | None:
     """The new state if a backend took the in-place step, else ``None`` (run the reference)."""
     if _ENABLED is False or _ENABLED == "reference" or not _BACKENDS:
         return None
@@ -86,7 +89,8 @@ def fused_step(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequence[
     for name, fn in _BACKENDS:
         if isinstance(_ENABLED, str) and name != _ENABLED:
             continue
-        out = fn(kind, net, state, ys, gs, xs, lr=lr, prox=prox, params=params, step=step)
+        out = fn(kind, net, state, ys, gs, xs, lr=lr, prox=prox, params=params, step=step,
+                 instance_dims=instance_dims)
         if out is not None:
             return out
     return None

@@ -169,11 +169,11 @@ if HAVE_TRITON:
     @triton.jit
     def _learned_step_kernel(
         x_ptr, y_ptr, g_ptr, lr_ptr, h_ptr, c_ptr, m_ptr, v_ptr, win_ptr, filled_ptr,
-        wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, head_ptr, mr_ptr,
-        n, lr_div, t_scale, s0, s1, stride_l, aux0, aux1, aux2, ln_eps,
+        wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, head_ptr, mr_ptr, fs_ptr,
+        n, lr_div, t_scale, s0, s1, stride_l, aux0, aux1, aux2, ln_eps, fs_div,
         KIND: tl.constexpr, LSTM: tl.constexpr, LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
         PROX: tl.constexpr, HAS_LR: tl.constexpr, MR: tl.constexpr, W: tl.constexpr, GRAD_X: tl.constexpr,
-        BLOCK: tl.constexpr, PREC: tl.constexpr,
+        SCALED: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK + tl.arange(0, BLOCK)
@@ -188,8 +188,15 @@ if HAVE_TRITON:
             lr = t_scale + tl.zeros_like(y)
         MM: tl.constexpr = HP * HP
 
-        if KIND == 0:  # the PA family: features [g, y]
-            o = _cells(g, y, tl.zeros((BLOCK, HP), tl.float32), h_ptr, c_ptr, rows, rmask, cols, cmask, stride_l,
+        if KIND == 0:  # the PA family: features [g, y], or [s g, y] / sigma (1 / sigma per instance: fs_ptr)
+            if SCALED:
+                inv = tl.load(fs_ptr + rows // fs_div, mask=rmask, other=0.0)
+                f0 = (g * lr) * inv
+                f1 = y * inv
+            else:
+                f0 = g
+                f1 = y
+            o = _cells(f0, f1, tl.zeros((BLOCK, HP), tl.float32), h_ptr, c_ptr, rows, rmask, cols, cmask, stride_l,
                        wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, LSTM, LAYERS, H, HP, True, PREC)
             if MR:
                 v = _window_attention(o, win_ptr, filled_ptr, rows, rmask, cols, cmask, mr_ptr, W, H, HP, PREC)
@@ -342,7 +349,7 @@ def _serves(kind: str, net: nn.Module) -> bool:
     return plain and rnn.hidden_size <= MAX_HIDDEN
 
 
-def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step):
+def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step, instance_dims=0):
     """The fused step backend (see :mod:`torch_l2o.kernels.fused`); ``None`` declines."""
     if not HAVE_TRITON or kind not in KINDS or not _serves(kind, net):
         return None
@@ -383,7 +390,14 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step)
     m, v = new.get("m"), new.get("v")
     filled = new.get("filled")
     off, block = 0, CONFIG["BLOCK"]
-    for y, g, x, (lr_t, lr_div, lr_s) in zip(ys, gs, xs, lr_ops):
+    scaled = kind == "pa" and net.inputs == "scaled"
+    scales = [None] * len(ys)
+    if scaled:  # the inputs' per-instance reduction, by the reference's own code
+        from ..optim.functional import pa_input_scale
+
+        lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys)
+        scales = [pa_input_scale(y, g, s, instance_dims).contiguous() for y, g, s in zip(ys, gs, lrs)]
+    for y, g, x, (lr_t, lr_div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
         n = y.numel()
         if n:
             _learned_step_kernel[(triton.cdiv(n, block),)](
@@ -392,11 +406,12 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step)
                 m[off:] if m is not None else y, v[off:] if v is not None else y,
                 win[off:] if win is not None else y, filled if filled is not None else h,
                 w["wx0"], w["wx"], w["wh"], w["b"], w["bhn"], w["head"], w.get("mr", w["head"]),
+                inv if inv is not None else h,
                 n, lr_div, lr_s,
-                s0, s1, h.stride(0), *aux, ln_eps,
+                s0, s1, h.stride(0), *aux, ln_eps, n // inv.numel() if inv is not None else 1,
                 KIND=KINDS[kind], LSTM=isinstance(rnn, nn.LSTM), LAYERS=rnn.num_layers, H=rnn.hidden_size,
                 HP=w["hp"], PROX=prox_code, HAS_LR=lr_t is not None, MR=mr, W=W,
-                GRAD_X=kind == "dm" and net.inputs == "grad_x", BLOCK=block, PREC=CONFIG["precision"],
+                GRAD_X=kind == "dm" and net.inputs == "grad_x", SCALED=scaled, BLOCK=block, PREC=CONFIG["precision"],
                 num_warps=CONFIG["num_warps"],
             )
         off += n

@@ -31,7 +31,7 @@ from ..kernels import prox_grad_step
 from ..kernels.fused import fused_step
 from .stepsize import instance_shape, instance_sum
 
-__all__ = ["ista_update", "fista_update", "fista_momentum", "pa_update", "dm_update", "rnnprop_update", "mathgd_update"]
+__all__ = ["ista_update", "fista_update", "fista_momentum", "pa_features", "pa_input_scale", "pa_update", "dm_update", "rnnprop_update", "mathgd_update"]
 
 
 def ista_update(
@@ -125,6 +125,54 @@ def _lrs(lr: Lr | Sequence[Lr], n: int) -> Sequence[Lr]:
     return lr if isinstance(lr, (list, tuple)) else [lr] * n
 
 
+def pa_features(ys: Sequence[Tensor], gs: Sequence[Tensor], lrs: Sequence[Lr], *, inputs: str = "raw",
+                instance_dims: int = 0) -> Tensor:
+    r"""The PA networks' per-coordinate inputs, ``(N, 2)`` float32, detached.
+
+    ``"raw"`` (the papers): :math:`[\nabla f(y), y]`. ``"scaled"``: the gradient step and
+    the iterate in the units of the iterate, divided by a per-instance scale,
+
+    .. math::
+        \bigl[s\,\nabla f(y) / \sigma,\ y / \sigma\bigr],\qquad
+        \sigma = \operatorname{RMS}_j \max(|y_j|, |s\,\nabla_j f(y)|)
+
+    over each instance's coordinates of one tensor (``instance_dims`` leading dims index
+    instances; a tensor without them is one instance). Both features are invariant to
+    rescaling the problem (``b -> c b, lam -> c lam`` in a LASSO; ``A -> c A`` with
+    ``s = 1/L``), so a network trained at one scale sees the same inputs at any other.
+    A zero ``sigma`` (``y = 0`` and ``g = 0``: already optimal) gives zero features.
+    """
+    if inputs == "raw":
+        return torch.stack([_flat(gs), _flat(ys)], -1).float()
+    if inputs != "scaled":
+        raise ValueError(f"inputs must be 'raw' or 'scaled', got {inputs!r}")
+    cols = []
+    for y, g, s in zip(ys, gs, lrs):
+        inv, sg = _input_scale(y, g, s, instance_dims)
+        inst = inv.shape[0]
+        cols.append(torch.stack([(sg.reshape(inst, -1) * inv).reshape(-1),
+                                 (y.detach().float().reshape(inst, -1) * inv).reshape(-1)], -1))
+    return cols[0] if len(cols) == 1 else torch.cat(cols)
+
+
+def _input_scale(y: Tensor, g: Tensor, s: Lr, instance_dims: int) -> tuple[Tensor, Tensor]:
+    """``1 / sigma`` per instance of one tensor, ``(instances, 1)`` float32 (0 where sigma
+    is 0), and ``s g`` in float32: the scaled inputs' reduction, shared with the fused
+    kernels (which take ``1 / sigma`` and compute the rest per coordinate)."""
+    y, g = y.detach().float(), g.detach().float()
+    sg = g * (s.detach().float() if isinstance(s, Tensor) else s)
+    m = torch.maximum(y.abs(), sg.abs()).reshape(_instances(y, instance_dims), -1)
+    sigma = m.square().mean(1, keepdim=True).sqrt()
+    inv = torch.where(sigma > 0, 1 / sigma.clamp_min(torch.finfo(torch.float32).tiny), torch.zeros_like(sigma))
+    return inv, sg
+
+
+def pa_input_scale(y: Tensor, g: Tensor, s: Lr, instance_dims: int = 0) -> Tensor:
+    """``1 / sigma`` of :func:`pa_features` ``"scaled"`` per instance of one tensor, shape
+    ``(instances,)`` float32: what a fused kernel needs besides ``s``, ``g`` and ``y``."""
+    return _input_scale(y, g, s, instance_dims)[0].reshape(-1)
+
+
 def pa_update(
     net, state: dict, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,
     lr: Lr | Sequence[Lr], prox: str = "none", params: Mapping[str, Any] | None = None, step: int = 0,
@@ -140,9 +188,9 @@ def pa_update(
     with ``s = lr`` (``0.9999 / L``), ``p_k, a_k`` in (0, 2) per coordinate.
     """
     if inplace and (new := fused_step("pa", net, state, ys, gs, xs, lr=lr, prox=prox, params=params,
-                                      step=step)) is not None:
+                                      step=step, instance_dims=instance_dims)) is not None:
         return list(xs), list(ys), new
-    feats = torch.stack([_flat(gs), _flat(ys)], -1).float()
+    feats = pa_features(ys, gs, _lrs(lr, len(ys)), inputs=getattr(net, "inputs", "raw"), instance_dims=instance_dims)
     (p, a), new_state = net(feats, state, instances=_instances(ys[0], instance_dims))
     out = [prox_grad_step(y, g, x, lr=s, p=pi, a=ai, prox=prox, params=params, inplace=inplace)
            for y, g, x, s, pi, ai in zip(ys, gs, xs, _lrs(lr, len(ys)), _split(p, ys), _split(a, ys))]
@@ -158,7 +206,7 @@ def dm_update(
     (x_k + \mathrm{lr}\cdot m(\nabla f(x_k)))`; the prox is the identity for L2O-DM itself
     and a block's prox for GSO. No extrapolation: ``xs`` are the ``ys``."""
     if inplace and (new := fused_step("dm", net, state, ys, gs, xs, lr=lr, prox=prox, params=params,
-                                      step=step)) is not None:
+                                      step=step, instance_dims=instance_dims)) is not None:
         return list(ys), list(ys), new
     out, new_state = net(net.features(_flat(gs).float(), _flat(ys).float()), state)
     # x + lr * out is a gradient step along -out: the same fused step as every optimizer
@@ -177,7 +225,8 @@ def rnnprop_update(
     \hat m / (\sqrt{\hat v} + \epsilon)]))`. It applies no prox (``prox`` must be
     ``"none"``); no extrapolation: ``xs`` are the ``ys``."""
     if inplace and betas == (0.95, 0.95) and eps == 1e-8 and (new := fused_step(
-            "rnnprop", net, state, ys, gs, xs, lr=lr, prox=prox, params=params, step=step)) is not None:
+            "rnnprop", net, state, ys, gs, xs, lr=lr, prox=prox, params=params, step=step,
+            instance_dims=instance_dims)) is not None:
         return list(ys), list(ys), new
     b1, b2 = betas
     gf = _flat(gs).float()

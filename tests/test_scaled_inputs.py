@@ -1,0 +1,119 @@
+"""Scale-free inputs of the PA networks (``inputs="scaled"``)."""
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+import torch_l2o
+from torch_l2o.kernels.fused import use_fused
+from torch_l2o.nets import PAGRUNet, PAMRNet, PANet
+from torch_l2o.optim.functional import pa_features
+from torch_l2o.problems import Lasso
+
+
+def _yg(seed, shape=(3, 40)):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def test_raw_features_are_g_and_y():
+    y, g = _yg(0)
+    f = pa_features([y], [g], [0.3], inputs="raw", instance_dims=1)
+    assert torch.equal(f, torch.stack([g.reshape(-1), y.reshape(-1)], -1))
+
+
+def test_scaled_features_by_hand():
+    y, g = _yg(1)
+    s = 0.3
+    f = pa_features([y], [g], [s], inputs="scaled", instance_dims=1)
+    sigma = torch.maximum(y.abs(), (s * g).abs()).square().mean(1, keepdim=True).sqrt()
+    want = torch.stack([(s * g / sigma).reshape(-1), (y / sigma).reshape(-1)], -1)
+    torch.testing.assert_close(f, want)
+    # per instance, the RMS of the larger feature is exactly 1
+    big = torch.maximum(f[:, 0].abs(), f[:, 1].abs()).reshape(3, 40)
+    torch.testing.assert_close(big.square().mean(1).sqrt(), torch.ones(3))
+
+
+@given(c=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_scaled_features_are_invariant_to_scale(c, seed):
+    """``(y, s g) -> c (y, s g)`` per instance leaves the features unchanged: rescaling
+    ``b`` and ``lam`` of a LASSO, or ``A`` with ``s = 1/L``."""
+    y, g = _yg(seed)
+    cs = torch.tensor([[c], [1.0], [1 / c]])
+    s = torch.tensor([[0.5], [2.0], [1.0]])
+    f = pa_features([y], [g], [s], inputs="scaled", instance_dims=1)
+    f2 = pa_features([y * cs], [g * cs], [s], inputs="scaled", instance_dims=1)
+    torch.testing.assert_close(f2, f, rtol=1e-5, atol=1e-6)
+    # the step size enters through s g only
+    f3 = pa_features([y], [g / 4], [s * 4], inputs="scaled", instance_dims=1)
+    torch.testing.assert_close(f3, f, rtol=1e-5, atol=1e-6)
+
+
+def test_scaled_features_zero_scale_and_several_tensors():
+    y, g = _yg(2)
+    y[1], g[1] = 0, 0  # an instance already at x = 0 with g = 0
+    f = pa_features([y], [g], [1.0], inputs="scaled", instance_dims=1)
+    assert torch.isfinite(f).all() and f.reshape(3, 40, 2)[1].abs().sum() == 0
+    # several tensors: each scaled by its own instances' sigma, concatenated in order
+    y2, g2 = _yg(3, (3, 7))
+    both = pa_features([y, y2], [g, g2], [1.0, 0.5], inputs="scaled", instance_dims=1)
+    torch.testing.assert_close(both, torch.cat([f, pa_features([y2], [g2], [0.5], inputs="scaled", instance_dims=1)]))
+    with pytest.raises(ValueError, match="raw.*scaled"):
+        pa_features([y], [g], [1.0], inputs="log")
+    with pytest.raises(ValueError, match="inputs must be"):
+        PANet(inputs="log")
+
+
+@pytest.mark.parametrize("Net", [PANet, PAGRUNet, PAMRNet])
+def test_scaled_optimizer_is_scale_equivariant(Net):
+    """The whole learned optimizer with scaled inputs on ``(c b, c lam)`` gives ``c x_k``:
+    what it learned at one scale holds at every scale. With raw inputs it does not."""
+    torch.manual_seed(0)
+    net = Net(inputs="scaled").eval()
+    sd = net.state_dict()
+    prob = Lasso(m=30, n=60, sparsity=6).sample(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    s = prob.step_size()
+
+    def run(c, inputs):
+        x = torch.zeros(4, 60, dtype=torch.float64, requires_grad=True)
+        opt = torch_l2o.PAMR if Net is PAMRNet else (torch_l2o.PAGRU if Net is PAGRUNet else torch_l2o.PA)
+        opt = opt([x], prox="l1", lam=0.1 * c, lr=s, weights=sd, inputs=inputs, instance_dims=1)
+        for _ in range(15):
+            opt.zero_grad()
+            (0.5 * (torch.einsum("bmn,bn->bm", prob.A, x) - c * prob.b).square().sum()).backward()
+            opt.step()
+        return opt.solution(x).detach()
+
+    # the network computes in float32: equal to its rounding (1e-7), amplified by 15 steps
+    base = run(1.0, "scaled")
+    for c in (1e-3, 50.0):
+        torch.testing.assert_close(run(c, "scaled"), c * base, rtol=1e-4, atol=1e-6 * c * float(base.abs().max()))
+    raw = run(1.0, "raw")
+    assert (run(50.0, "raw") - 50.0 * raw).abs().max() > 1e-2 * 50.0 * raw.abs().max()
+
+
+def test_fused_backends_decline_scaled_inputs_and_step_matches_reference():
+    torch.manual_seed(0)
+    net = PAMRNet(inputs="scaled").eval()
+    prob = Lasso(m=200, n=1200, sparsity=20).sample(2, generator=torch.Generator().manual_seed(1))
+    s = prob.step_size()
+
+    def run(fused):
+        x = torch.zeros(2, 1200, requires_grad=True)
+        opt = torch_l2o.PAMR([x], prox="l1", lam=0.1, lr=s, weights=net.state_dict(), inputs="scaled", instance_dims=1)
+        with use_fused(fused):
+            for _ in range(5):
+                opt.zero_grad()
+                prob.smooth(x).sum().backward()
+                opt.step()
+        return x.detach()
+
+    assert torch.equal(run(True), run(False))
+
+
+def test_pretrained_weights_keep_raw_inputs():
+    opt = torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1)
+    assert opt.net.inputs == "raw"  # cards without "inputs" in their config are the papers' networks
+    with pytest.raises(ValueError, match="trained with inputs='raw'"):
+        torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1, weights="lasso", inputs="scaled")
