@@ -15,6 +15,7 @@ run resumes from its checkpoint when started again with the same arguments.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -32,8 +33,8 @@ if __package__ in (None, ""):  # run as a script from a checkout
 import torch_l2o  # noqa: E402
 from torch_l2o.baselines import soft_impute  # noqa: E402
 from torch_l2o.meta import rollout  # noqa: E402
-from torch_l2o.problems import (GaussianMixture, Lasso, LeastSquares, LogisticL1, MatrixCompletion,  # noqa: E402
-                                MLPFamily, mean_relative_error, reference_solve)
+from torch_l2o.problems import (GaussianMixture, Lasso, LassoMixture, LeastSquares, LogisticL1,  # noqa: E402
+                                LogisticMixture, MatrixCompletion, MLPFamily, mean_relative_error, reference_solve)
 from torch_l2o.registry import available_architectures, get_architecture  # noqa: E402
 from torch_l2o.weights import build_network, save_weights  # noqa: E402
 
@@ -41,13 +42,15 @@ from torch_l2o.weights import build_network, save_weights  # noqa: E402
 # every architecture lists its families).
 FAMILIES = {
     "lasso": lambda: Lasso(m=250, n=500, sparsity=50, lam=0.1),
+    "lasso-mix": lambda: LassoMixture(),  # a broad mixture (designs, m/n, lam / lam_max, noise): issue 16
     "logistic": lambda: LogisticL1(N=1000, n=50, sparsity=20, lam=0.1),
+    "logistic-mix": lambda: LogisticMixture(),  # designs, N/n, separability, positives, lam / lam_max
     "mlp": lambda: MLPFamily(dataset="digits", hidden=20, samples=128),
     "mc": lambda: MatrixCompletion(n=100, rank=5, observe=0.2),
     "gmm": lambda: GaussianMixture(K=4, D=2, G=500),
     "qp": lambda: LeastSquares(m=400, n=512),
 }
-COMPOSITE = ("lasso", "logistic")
+COMPOSITE = ("lasso", "lasso-mix", "logistic", "logistic-mix")
 # Training settings: the MS4L2O protocol (horizon 100 in segments of 20, fresh batches,
 # Adam, clipping) scaled to a 2-core CPU: batch 32 and 300 steps instead of 64 and 500,
 # and the scale-free log-objective meta-loss (see torch_l2o.meta_train). An architecture's
@@ -56,7 +59,13 @@ TRAIN = dict(steps=300, batch=32, horizon=100, unroll=20, loss="log", lr=3e-3, c
              val_every=20, val_batch=128)
 # Small MLPs (L2O-DM, RNNProp papers): 1,510 weights per network, so batch 8 (12k coordinates,
 # fewer than LASSO's 32 x 500 = 16k) and 150 steps keep a run near 15 CPU minutes.
-FAMILY_TRAIN = {"mlp": dict(steps=150, batch=8, val_batch=32)}
+FAMILY_TRAIN = {"mlp": dict(steps=150, batch=8, val_batch=32),
+                # a mixture draws a shape per batch: validate on four held batches
+                "lasso-mix": dict(val_batch=64, val_batches=4), "logistic-mix": dict(val_batch=64, val_batches=4)}
+MIXTURE_BATCHES = 4  # held batches of a mixture family in selection and on its card
+# Network options per family: the mixtures' weights take the PA family's scale-free inputs
+# (benchmarks/feature_study.py compares them with the raw ones).
+FAMILY_OPTIONS = {"lasso-mix": {"inputs": "scaled"}, "logistic-mix": {"inputs": "scaled"}}
 EVAL = dict(instances=256, iters=1000, seed=12345)
 
 
@@ -86,12 +95,30 @@ def _first(errs, tol):
     return next((k for k, e in enumerate(errs) if e <= tol), None)
 
 
+def held_batches(family, instances, seed):
+    """Held instances: one seeded batch, or for a mixture family (a shape per batch)
+    ``MIXTURE_BATCHES`` batches that share the instances, seeds ``seed, seed + 1, ...``."""
+    k = MIXTURE_BATCHES if hasattr(family, "shapes") else 1
+    return [family.sample(instances // k, generator=torch.Generator().manual_seed(seed + i), dtype=torch.float64)
+            for i in range(k)]
+
+
 def evaluate_composite(arch, net_sd, config, family_name, family, only=None):
     """Figures for a LASSO / logistic card: learned vs FISTA and FISTA with adaptive
     restart (the headline baseline; true L) on held instances; the learned optimizer
     also with ``lr=None`` and with its recurrent state stored in bfloat16. ``only``:
-    compute just these runs (``--add-figures``)."""
-    prob64 = family.sample(EVAL["instances"], generator=torch.Generator().manual_seed(EVAL["seed"]), dtype=torch.float64)
+    compute just these runs (``--add-figures``). A mixture's figures are over its held
+    batches: the mean relative error over all their instances."""
+    batches = held_batches(family, EVAL["instances"], EVAL["seed"])
+    per = [_composite_runs(arch, net_sd, config, prob64, only) for prob64 in batches]
+    total = sum(p.batch for p in batches)
+    runs = per[0] if len(per) == 1 else {
+        name: [sum(p.batch * r[name][k] for p, r in zip(batches, per)) / total
+               for k in range(min(len(r[name]) for r in per))] for name in per[0]}
+    return _figures(arch, family_name, runs, only)
+
+
+def _composite_runs(arch, net_sd, config, prob64, only):
     F_star = reference_solve(prob64).F
     prob = prob64.to(torch.float32)
     lam = prob.prox_params["lam"]
@@ -122,7 +149,10 @@ def evaluate_composite(arch, net_sd, config, family_name, family, only=None):
         plan["learned_bf16_state"] = lambda: _trace(
             prob, lambda ps: cls(ps, weights=net_sd, state_dtype=torch.bfloat16, **config), 300, composite=True,
             metric=metric)
-    runs = {name: run() for name, run in plan.items() if only is None or name in only}
+    return {name: run() for name, run in plan.items() if only is None or name in only}
+
+
+def _figures(arch, family_name, runs, only):
     figs = {}
     if only is not None:
         for name, errs in runs.items():
@@ -137,6 +167,10 @@ def evaluate_composite(arch, net_sd, config, family_name, family, only=None):
     figs["learned"]["worst_ratio_to_fista_after_100"] = max(
         max(fl[k], floor) / max(ff[k], floor) for k in range(100, len(fl)))
     figs["learned"]["diverged"] = not all(math.isfinite(e) for e in fl)
+    base = figs.get("fista_restart", {}).get("iterations_to_1e-06")
+    for name, f in figs.items():
+        if name.startswith("learned") and base and f.get("iterations_to_1e-06"):
+            f["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / f["iterations_to_1e-06"], 3)
     figs["targets"] = _targets(arch, family_name, figs)
     return figs
 
@@ -232,7 +266,10 @@ def evaluate_qp(arch, net_sd, config, family):
                         {"gain": (gd - runs["learned"][100]) / gd, "met": (gd - runs["learned"][100]) / gd > 0.5}}}
 
 
-VARIANTS = {"coordinates": ("pamr", {"attend": "coordinates"})}  # PA-MR attending across coordinates (the ablation)
+# name: (architectures, network options). PA-MR attending across coordinates (the seed's
+# ablation); the PA networks on scale-free inputs (torch_l2o.optim.functional.pa_features).
+VARIANTS = {"coordinates": (("pamr",), {"attend": "coordinates"}),
+            "scaled": (("pa", "pagru", "pamr"), {"inputs": "scaled"})}
 
 
 SELECT = dict(instances=512, iters=300, seed=4242)
@@ -243,25 +280,27 @@ def select(arch, candidates, config, family):
     the card's instances: fewest instances diverged (error above 1e-3 after 3x the training
     horizon), then the lowest mean log10 error. The mean-speed validation score can prefer
     weights that diverge on a rare instance (it did for L2O-PA: 2 in 256)."""
-    prob64 = family.sample(SELECT["instances"], generator=torch.Generator().manual_seed(SELECT["seed"]),
-                           dtype=torch.float64)
-    F_star = reference_solve(prob64).F
-    prob = prob64.to(torch.float32)
-    lam = prob.prox_params["lam"]
+    batches = held_batches(family, SELECT["instances"], SELECT["seed"])
     cls = get_architecture(arch).optimizer
-    report = {}
-    for name, sd in candidates.items():
-        x = prob.x0().requires_grad_(True)
-        opt = cls([x], prox="l1", lam=lam, lr=prob.step_size(), weights=sd, instance_dims=1, nonfinite="skip", **config)
-        logs = []
-        for _ in range(SELECT["iters"]):
-            opt.zero_grad()
-            prob.smooth(x).sum().backward()
-            opt.step()
-            e = (prob64.objective(opt.solution(x).double()) - F_star) / F_star
-            logs.append(float(torch.log10(torch.nan_to_num(e.mean(), nan=1e6, posinf=1e6).clamp(1e-12, 1e6))))
-        e = torch.nan_to_num(e, nan=float("inf"))
-        report[name] = {"diverged": int((e > 1e-3).sum()), "mean_log10_error": sum(logs) / len(logs)}
+    report = {name: {"diverged": 0, "mean_log10_error": 0.0} for name in candidates}
+    for prob64 in batches:
+        F_star = reference_solve(prob64).F
+        prob = prob64.to(torch.float32)
+        lam = prob.prox_params["lam"]
+        for name, sd in candidates.items():
+            x = prob.x0().requires_grad_(True)
+            opt = cls([x], prox="l1", lam=lam, lr=prob.step_size(), weights=sd, instance_dims=1, nonfinite="skip",
+                      **config)
+            logs = []
+            for _ in range(SELECT["iters"]):
+                opt.zero_grad()
+                prob.smooth(x).sum().backward()
+                opt.step()
+                e = (prob64.objective(opt.solution(x).double()) - F_star) / F_star
+                logs.append(float(torch.log10(torch.nan_to_num(e.mean(), nan=1e6, posinf=1e6).clamp(1e-12, 1e6))))
+            e = torch.nan_to_num(e, nan=float("inf"))
+            report[name]["diverged"] += int((e > 1e-3).sum())
+            report[name]["mean_log10_error"] += sum(logs) / len(logs) / len(batches)
     choice = min(report, key=lambda n: (report[n]["diverged"], report[n]["mean_log10_error"]))
     return choice, {"instances": SELECT["instances"], "iterations": SELECT["iters"], "seed": SELECT["seed"],
                     "candidates": report, "chosen": choice}
@@ -277,10 +316,12 @@ def train_one(arch, family_name, args):
     base = {**TRAIN, **FAMILY_TRAIN.get(family_name, {}), **spec.training}
     settings = {**base, "steps": args.steps or base["steps"], "seed": args.seed}
     options = dict(spec.network_options)
+    if "inputs" in inspect.signature(spec.network.__init__).parameters:
+        options.update(FAMILY_OPTIONS.get(family_name, {}))
     if args.variant:
-        variant_arch, variant_options = VARIANTS[args.variant]
-        if arch != variant_arch:
-            raise SystemExit(f"--variant {args.variant} applies to {variant_arch} only")
+        variant_archs, variant_options = VARIANTS[args.variant]
+        if arch not in variant_archs:
+            raise SystemExit(f"--variant {args.variant} applies to {', '.join(variant_archs)} only")
         options.update(variant_options)
     if args.add_figures:
         return add_figures(arch, out, family_name, family, args.add_figures)
@@ -382,7 +423,7 @@ def main(argv=None):
     ap.add_argument("--add-figures", nargs="+", metavar="RUN",
                     help="measure these runs (fista_restart, learned_bf16_state, ...) on a shipped card's "
                          "instances and add them to its figures")
-    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates)")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates; pa, pagru, pamr: scaled)")
     args = ap.parse_args(argv)
     families = list(FAMILIES) if "all" in args.family else args.family
     unknown = [f for f in families if f not in FAMILIES]

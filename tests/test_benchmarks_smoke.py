@@ -54,3 +54,25 @@ def test_walltime_runs_and_ranks_the_headline_first(monkeypatch):
         assert r["ms/it"] > 0
     assert any(r["method"].startswith("scikit-learn Lasso") and r["s@1e-06"] is not None for r in rows)
     assert res["tables"]["crossover"]
+
+
+def test_ood_summary_counts_a_method_only_where_it_ran():
+    """Mixture weights shipped for one family only: their rows exist in that family's
+    sets; elsewhere the summary shows '-' and neither counts them as failures nor in the
+    median."""
+    from suites import ood
+
+    def rows(base, **its):
+        return [{"method": ood.BASELINE, "it@1e-06": base}] + [{"method": m, "it@1e-06": v} for m, v in its.items()]
+
+    per_set = {"lasso_a": rows(100, **{"L2O-PA-MR": 150, "L2O-PA-MR mix": 90}),
+               "lasso_b": rows(50, **{"L2O-PA-MR": None, "L2O-PA-MR mix": 60}),
+               "logistic_a": rows(20, **{"L2O-PA-MR": 10})}
+    table, _ = ood.summary(per_set, iters=200)
+    by = {r["set"]: r for r in table}
+    assert by["logistic_a"]["L2O-PA-MR mix"] == "-" and by["lasso_b"]["L2O-PA-MR"] == "never"
+    med = next(r for r in table if r["set"].startswith("median"))
+    worst, never = by["worst"], next(r for r in table if r["set"].startswith("never"))
+    assert med["L2O-PA-MR mix"] == 1.05 and worst["L2O-PA-MR mix"] == 1.2  # median of (0.9, 1.2)
+    assert med["L2O-PA-MR"] == 1.5 and worst["L2O-PA-MR"] == "never"  # median of (0.5, 1.5, inf)
+    assert never["L2O-PA-MR"] == 1 and never["L2O-PA-MR mix"] == 0

@@ -71,6 +71,24 @@ def test_best_validated_weights_are_kept():
     assert abs(score - h.best) < 1e-6
 
 
+def test_validation_over_several_batches_is_their_mean():
+    """``val_batches=3``: the score is the mean over three held batches, the first the one
+    a single-batch validation draws; a mixture's batches differ in shape."""
+    from torch_l2o.problems import LassoMixture
+
+    fam = LassoMixture(shapes=((9, 12), (16, 10)), designs=("gaussian", "factor"))
+    w, h = torch_l2o.meta_train("pagru", fam, steps=2, seed=0, val_batches=3, **{**TINY, "val_every": 1})
+    net, _ = build_network("pagru", w)
+    scores = []
+    for i in range(3):
+        seed = torch_l2o.meta._seed(0, 2) if i == 0 else torch_l2o.meta._seed(0, 2, i)
+        val = fam.sample(6, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+        scores.append(torch_l2o.meta._val_score(evaluate("pagru", net, val.to(torch.float32), reference_solve(val).F, 6)))
+    assert abs(sum(scores) / 3 - h.best) < 1e-6
+    with pytest.raises(ValueError, match="val_batches must be an int >= 1"):
+        torch_l2o.meta_train("pa", FAM, val_batches=0, **TINY)
+
+
 @dataclass
 class PoisonedLasso(ProblemFamily):
     """A LASSO family whose every other batch has an infinite entry."""

@@ -25,7 +25,8 @@ register_architecture("pa", network=PANet, update=pa_update, optimizer=PA, displ
 register_architecture("pagru", network=PAGRUNet, update=pa_update, optimizer=PAGRU, display_name="L2O-PA-GRU",
                       default_weights="lasso", families=_COMPOSITE, paper="Liu 2026 (seed 000), ablation")
 register_architecture("pamr", network=PAMRNet, update=pa_update, optimizer=PAMR, display_name="L2O-PA-MR",
-                      default_weights="lasso", families=_COMPOSITE, paper="Liu 2026 (seed 000)")
+                      default_weights="lasso", families=_COMPOSITE + ("lasso-mix", "logistic-mix"),
+                      paper="Liu 2026 (seed 000)")
 register_architecture("l2odm", network=DMNet, update=dm_update, optimizer=L2ODM, display_name="L2O-DM",
                       paper="Andrychowicz et al., NeurIPS 2016", **_BLACK_BOX)
 register_architecture("rnnprop", network=RNNPropNet, update=rnnprop_update, optimizer=RNNProp,

@@ -179,7 +179,7 @@ def _seed(*parts: int) -> int:
 
 
 def _check_arguments(arch: Any, family: Any, loss: str, score: str, horizon: int, unroll: int, steps: int,
-                     batch: int, meta_optimizer: str) -> Architecture:
+                     batch: int, meta_optimizer: str, val_batches: int = 1) -> Architecture:
     """Every argument error before anything runs, each naming the fix."""
     if not isinstance(arch, str) and (hasattr(arch, "sample") or isinstance(family, str)):
         raise TypeError("meta_train(arch, family): the architecture's name comes first, e.g. "
@@ -191,7 +191,8 @@ def _check_arguments(arch: Any, family: Any, loss: str, score: str, horizon: int
         what = "a sampled problem batch" if hasattr(family, "objective") else type(family).__name__
         raise TypeError(f"meta_train needs a ProblemFamily (something with .sample(batch)), got {what}; "
                         "pass the family itself, e.g. Lasso(m=250, n=500), not family.sample(...)")
-    for name, v in (("steps", steps), ("batch", batch), ("horizon", horizon), ("unroll", unroll)):
+    for name, v in (("steps", steps), ("batch", batch), ("horizon", horizon), ("unroll", unroll),
+                    ("val_batches", val_batches)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"meta_train: {name} must be an int >= 1, got {v!r}")
     if loss not in LOSSES:
@@ -245,19 +246,26 @@ def load_checkpoint(path: str, arch: str, net, opt, device: str) -> tuple[dict, 
 
 
 class Validation:
-    """Held instances (one seeded batch, float64 ``F*`` where the family is convex) and
-    the record of the best weights: calling it scores ``net`` and keeps it if best."""
+    """Held instances (``batches`` seeded batches, float64 ``F*`` where the family is
+    convex) and the record of the best weights: calling it scores ``net`` (the mean of the
+    batches' scores) and keeps it if best. Several batches cover a mixture family whose
+    batches differ in shape."""
 
     def __init__(self, spec: Architecture, family: ProblemFamily, *, batch: int, iters: int, inner_steps: int,
-                 seed: int, device: str) -> None:
-        val = family.sample(batch, generator=torch.Generator().manual_seed(_seed(seed, 2)), dtype=torch.float64)
-        self.F_star = optimal_values(val).to(device) if isinstance(val, Problem) else None
-        self.problem = val.to(device=device, dtype=torch.float32)
+                 seed: int, device: str, batches: int = 1) -> None:
+        self.sets = []
+        for i in range(batches):
+            # the first batch is the one a single-batch validation has always drawn
+            gen = torch.Generator().manual_seed(_seed(seed, 2) if i == 0 else _seed(seed, 2, i))
+            val = family.sample(batch, generator=gen, dtype=torch.float64)
+            F_star = optimal_values(val).to(device) if isinstance(val, Problem) else None
+            self.sets.append((val.to(device=device, dtype=torch.float32), F_star))
         self.spec, self.iters, self.inner_steps = spec, iters, inner_steps
 
     def __call__(self, step: int, net, hist: MetaHistory, best: dict) -> None:
         net.eval()
-        score = _val_score(evaluate(self.spec.name, net, self.problem, self.F_star, self.iters, self.inner_steps))
+        score = sum(_val_score(evaluate(self.spec.name, net, prob, F_star, self.iters, self.inner_steps))
+                    for prob, F_star in self.sets) / len(self.sets)
         net.train()
         hist.val_step.append(step)
         hist.val_score.append(score)
@@ -328,6 +336,7 @@ def meta_train(
     val_every: int = 20,
     val_batch: int = 256,
     val_iters: int | None = None,
+    val_batches: int = 1,
     seed: int = 0,
     checkpoint: str | None = None,
     checkpoint_every: int = 20,
@@ -364,6 +373,8 @@ def meta_train(
         clip: gradient-norm clipping (``None``: off).
         val_every, val_batch, val_iters: validation cadence, held instances, rounds
             (default ``horizon``); the kept weights are those with the best score.
+        val_batches: validate on this many held batches of ``val_batch`` (a mixture family
+            draws a shape per batch: several batches cover it); the score is their mean.
         seed: fixes batches, validation set, initialisation and dropout.
         checkpoint, checkpoint_every, resume: where and how often to save; a checkpoint
             to continue from (the run then repeats the uninterrupted one exactly).
@@ -380,7 +391,7 @@ def meta_train(
     one CPU core the shipped LASSO settings (batch 32, horizon 100, 300 steps) take
     40-110 minutes per architecture.
     """
-    spec = _check_arguments(arch, family, loss, score, horizon, unroll, steps, batch, meta_optimizer)
+    spec = _check_arguments(arch, family, loss, score, horizon, unroll, steps, batch, meta_optimizer, val_batches)
     lr = lr if lr is not None else (1e-2 if loss == "mean" else 3e-3)
     inner_steps = inner_steps if inner_steps is not None else spec.training.get("inner_steps", 1)
     sample = family.sample(1, generator=torch.Generator().manual_seed(0))
@@ -407,7 +418,7 @@ def meta_train(
     if resume is not None and os.path.exists(resume):
         best, hist, start = load_checkpoint(resume, spec.name, net, opt, device)
     validate = Validation(spec, family, batch=val_batch, iters=val_iters or horizon, inner_steps=inner_steps,
-                          seed=seed, device=device)
+                          seed=seed, device=device, batches=val_batches)
 
     bar = None
     if progress and rank == 0:

@@ -15,8 +15,9 @@ L1 log. breast cancer (scikit-learn), Ionosphere and Spambase (data directory; s
 Per set, every method starts at 0 with the true ``1/L`` per instance (``0.9999 / L``), in
 float32 against a float64 ``F*`` (``reference_solve``): FISTA with adaptive restart (the
 baseline, first), FISTA, the three learned optimizers with the shipped weights of the
-family (watchdog on, the default) and the same three with ``safeguard=True`` (driven by
-``step(closure)``). A run stops once its mean relative error is at most 1e-6. The
+family (watchdog on, the default), the mixture-trained weights where they are shipped
+(``"lasso-mix"``, ``"logistic-mix"``: rows "... mix"), and the same with ``safeguard=True``
+(driven by ``step(closure)``). A run stops once its mean relative error is at most 1e-6. The
 summary divides each method's iterations to 1e-6 by FISTA-restart's; "never" (the
 target not reached within the iteration budget) is a failure.
 """
@@ -87,13 +88,15 @@ def methods(problem, weights: str):
         (BASELINE, lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s, restart=True), False),
         ("FISTA", lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s), False),
     ]
-    learned = shipped(weights, LEARNED)
-    for label, _, cls in learned:
-        out.append((label, lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, lr=s, weights=weights, instance_dims=1),
+    # the single-family weights, then the mixture-trained ones ("lasso-mix", "logistic-mix") where shipped
+    learned = [(label, cls, weights) for label, _, cls in shipped(weights, LEARNED)]
+    learned += [(f"{label} mix", cls, f"{weights}-mix") for label, _, cls in shipped(f"{weights}-mix", LEARNED)]
+    for label, cls, w in learned:
+        out.append((label, lambda ps, cls=cls, w=w: cls(ps, prox="l1", lam=lam, lr=s, weights=w, instance_dims=1),
                     False))
-    for label, _, cls in learned:
-        out.append((f"{label} safeguard", lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, lr=s, weights=weights,
-                                                                  instance_dims=1, safeguard=True), True))
+    for label, cls, w in learned:
+        out.append((f"{label} safeguard", lambda ps, cls=cls, w=w: cls(ps, prox="l1", lam=lam, lr=s, weights=w,
+                                                                       instance_dims=1, safeguard=True), True))
     return out
 
 
@@ -162,8 +165,7 @@ def _mr_vs_pa(rows) -> str:
 def summary(per_set: dict, iters: int) -> tuple[list[dict], list[str]]:
     """Per set, each method's iterations to 1e-6 over FISTA-restart's; then the median and
     worst over the sets where FISTA-restart reached 1e-6 (never counts as infinite)."""
-    names = [m for m in next(iter(per_set.values())) if m["method"] != BASELINE] if per_set else []
-    labels = [m["method"] for m in names]
+    labels = list(dict.fromkeys(r["method"] for rows in per_set.values() for r in rows if r["method"] != BASELINE))
     rows, ratios = [], {lb: [] for lb in labels}
     fails = {lb: 0 for lb in labels}
     for name, mrows in per_set.items():
@@ -171,7 +173,10 @@ def summary(per_set: dict, iters: int) -> tuple[list[dict], list[str]]:
         base = by[BASELINE].get("it@1e-06")
         row = {"set": name, f"{BASELINE} it@1e-6": base if base is not None else "never"}
         for lb in labels:
-            it = by[lb].get("it@1e-06") if lb in by else None
+            if lb not in by:  # mixture weights of one family only: no row here
+                row[lb] = "-"
+                continue
+            it = by[lb].get("it@1e-06")
             row[lb] = _cell(it, base, iters)
             fails[lb] += it is None
             r = _ratio(it, base)

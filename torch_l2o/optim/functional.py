@@ -181,11 +181,13 @@ def pa_update(
     r"""L2O-PA, L2O-PA-GRU and L2O-PA-MR (they differ only in ``net``).
 
     .. math::
-        (p_k, a_k), h_k = \mathrm{net}([\nabla f(y_k), y_k], h_{k-1}),\quad
+        (p_k, a_k), h_k = \mathrm{net}(\phi(\nabla f(y_k), y_k), h_{k-1}),\quad
         x_{k+1} = \operatorname{prox}_{s p_k r}(y_k - s p_k \nabla f(y_k)),\quad
         y_{k+1} = x_{k+1} + a_k (x_{k+1} - x_k)
 
-    with ``s = lr`` (``0.9999 / L``), ``p_k, a_k`` in (0, 2) per coordinate.
+    with ``s = lr`` (``0.9999 / L``), ``p_k, a_k`` in (0, 2) per coordinate, and the
+    inputs :math:`\phi` of :func:`pa_features` (``net.inputs``: the papers' raw
+    ``[g, y]``, or the scale-free ``[s g, y] / sigma``).
     """
     if inplace and (new := fused_step("pa", net, state, ys, gs, xs, lr=lr, prox=prox, params=params,
                                       step=step, instance_dims=instance_dims)) is not None:

@@ -64,7 +64,8 @@ class LearnedOptimizer(ProxOptimizer):
             the bytes a step moves; it is computed in float32 either way, and rounded
             to the storage once per step). Its effect on iterations is on the cards.
         **options: the network's constructor arguments (e.g. ``window``, ``heads``,
-            ``attend`` for PA-MR); they must match a weight file's.
+            ``attend`` for PA-MR; ``inputs="scaled"`` for the PA family's scale-free
+            inputs); they must match a weight file's, which sets them when omitted.
     """
 
     arch: str = ""

@@ -4,6 +4,7 @@ reference solver."""
 from .base import Problem, ProblemBase, ProblemFamily, mean_relative_error
 from .families import (LeastSquares, LeastSquaresProblem, Lasso, LassoProblem, LogisticL1, LogisticProblem, MLPFamily,
                        MLPProblem)
+from .mixture import LassoMixture, LogisticMixture
 from .multiblock import BlockFamily, BlockProblem, GaussianMixture, GaussianMixtureProblem, MatrixCompletion, MatrixCompletionProblem
 from .real import image_patch_lasso, sklearn_logistic, uci_logistic
 from .solve import Solution, gradient_mapping, kkt_residual, optimal_values, reference_solve
@@ -11,7 +12,7 @@ from .solve import Solution, gradient_mapping, kkt_residual, optimal_values, ref
 __all__ = [
     "ProblemBase", "Problem", "ProblemFamily", "mean_relative_error", "optimal_values",
     "LeastSquares", "LeastSquaresProblem", "Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem",
-    "Solution", "kkt_residual", "gradient_mapping", "reference_solve",
+    "LassoMixture", "LogisticMixture", "Solution", "kkt_residual", "gradient_mapping", "reference_solve",
     "image_patch_lasso", "uci_logistic", "sklearn_logistic",
     "BlockFamily", "BlockProblem", "MatrixCompletion", "MatrixCompletionProblem", "GaussianMixture",
     "GaussianMixtureProblem",
