@@ -117,3 +117,12 @@ def test_pretrained_weights_keep_raw_inputs():
     assert opt.net.inputs == "raw"  # cards without "inputs" in their config are the papers' networks
     with pytest.raises(ValueError, match="trained with inputs='raw'"):
         torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1, weights="lasso", inputs="scaled")
+
+
+@pytest.mark.parametrize("name", ["lasso-mix", "logistic-mix"])
+def test_mixture_weights_load_with_their_scaled_inputs(name):
+    """The mixture weights' file sets the network option; asking for raw inputs is refused."""
+    opt = torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1, weights=name)
+    assert opt.net.inputs == "scaled" and opt.weights_info["card"]["family"] == name
+    with pytest.raises(ValueError, match="trained with inputs='scaled'"):
+        torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1, weights=name, inputs="raw")
