@@ -116,7 +116,8 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
             f"residual over {KAPPA:g}x its running minimum, or not halved in {PATIENCE} steps); they continue "
             f"from their best point with "
             f"{'FISTA-restart' if extrapolates else 'ISTA'} steps. This problem is likely outside the weights' "
-            "training family: see state[p]['watchdog'], or pass watchdog=False to turn this off.",
+            "training family, or so ill-conditioned that the learned step gains nothing: see "
+            "state[p]['watchdog'], or pass watchdog=False to turn this off.",
             RuntimeWarning, stacklevel=_user_stacklevel())
     # the instances already falling back take the FISTA-restart step (the optimizer's own
     # update function), or the ISTA step T y_k; the state of the others is left as it is
