@@ -77,8 +77,14 @@ def _image_patches(side: int) -> np.ndarray:
     photographs in grey levels [0, 1], mean removed per patch: ``(P, side^2)``."""
     from sklearn.datasets import load_sample_images
 
+    try:
+        images = load_sample_images().images
+    except ImportError as e:  # scikit-learn reads its JPEG samples with pillow
+        raise ImportError("LassoMixture's 'dictionary' design learns its dictionaries on scikit-learn's sample "
+                          "photographs, which need pillow: pip install pillow (or leave 'dictionary' out of "
+                          "designs=)") from e
     out = []
-    for img in load_sample_images().images:
+    for img in images:
         grey = img.astype(np.float64).mean(-1) / 255.0
         win = np.lib.stride_tricks.sliding_window_view(grey, (side, side))[::side // 2, ::side // 2]
         out.append(win.reshape(-1, side * side))
