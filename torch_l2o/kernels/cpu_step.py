@@ -61,7 +61,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fused import kernel_prox, lr_operands, packed_weights, register_step_backend, requested, step_constants
+from .fused import (input_scales, kernel_prox, lr_operands, packed_weights, register_step_backend, requested,
+                    step_constants)
 from .triton_step import interpret_mode
 
 __all__ = ["MIN_NUMEL", "compile_library", "cpu_learned_step", "set_cpu_step_backend"]
@@ -741,12 +742,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     aux = step_constants(kind, net, step)
     fn = lib.l2o_step_f32 if dtype == torch.float32 else lib.l2o_step_f64
     threads = torch.get_num_threads()
-    scales = [None] * len(ys)
-    if cfg["SCALED"]:  # the inputs' per-instance reduction, by the reference's own code
-        from ..optim.functional import pa_input_scale
-
-        lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys)
-        scales = [pa_input_scale(y, g, s, instance_dims).contiguous() for y, g, s in zip(ys, gs, lrs)]
+    scales = input_scales(kind, net, ys, gs, lr, instance_dims)
     off = 0
     for y, g, x, (lr_t, div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
         n = y.numel()

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor, nn
 
 __all__ = ["fused_step", "register_step_backend", "step_backends", "use_fused", "requested", "kernel_prox",
-           "lr_operands", "step_constants", "packed_weights"]
+           "lr_operands", "input_scales", "step_constants", "packed_weights"]
 
 State = dict[str, Tensor]
 StepBackend = Callable[..., Optional[State]]
@@ -144,6 +144,18 @@ def lr_operands(lr: Any, ys: Sequence[Tensor], dtype: torch.dtype | None = None
         else:
             return None
     return out
+
+
+def input_scales(kind: str, net, ys: Sequence[Tensor], gs: Sequence[Tensor], lr: Any,
+                 instance_dims: int) -> list[Tensor | None]:
+    """Per tensor, ``1 / sigma`` per instance (contiguous float32) for a PA network on
+    scale-free inputs, by the reference's own reduction; ``None`` for any other network."""
+    if kind != "pa" or getattr(net, "inputs", "raw") != "scaled":
+        return [None] * len(ys)
+    from ..optim.functional import pa_input_scale
+
+    lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys)
+    return [pa_input_scale(y, g, s, instance_dims).contiguous() for y, g, s in zip(ys, gs, lrs)]
 
 
 def step_constants(kind: str, net, step: int) -> tuple[float, float, float]:

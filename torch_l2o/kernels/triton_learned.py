@@ -33,7 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fused import kernel_prox, lr_operands, packed_weights, register_step_backend, requested, step_constants
+from .fused import (input_scales, kernel_prox, lr_operands, packed_weights, register_step_backend, requested,
+                    step_constants)
 from .triton_step import HAVE_TRITON, KERNEL_DTYPES, interpret_mode
 
 __all__ = ["learned_step_triton", "pack_network"]
@@ -390,13 +391,8 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
     m, v = new.get("m"), new.get("v")
     filled = new.get("filled")
     off, block = 0, CONFIG["BLOCK"]
-    scaled = kind == "pa" and net.inputs == "scaled"
-    scales = [None] * len(ys)
-    if scaled:  # the inputs' per-instance reduction, by the reference's own code
-        from ..optim.functional import pa_input_scale
-
-        lrs = list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys)
-        scales = [pa_input_scale(y, g, s, instance_dims).contiguous() for y, g, s in zip(ys, gs, lrs)]
+    scales = input_scales(kind, net, ys, gs, lr, instance_dims)
+    scaled = scales[0] is not None
     for y, g, x, (lr_t, lr_div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
         n = y.numel()
         if n:

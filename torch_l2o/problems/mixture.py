@@ -71,6 +71,22 @@ def _log_uniform(lo: float, hi: float, size, g: torch.Generator | None) -> Tenso
     return torch.exp(math.log(lo) + u * (math.log(hi) - math.log(lo)))
 
 
+def _factor_loadings(batch: int, rows: int, n: int, g: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """``(F, W)``: the factor design's per-instance ``n x 5`` loadings (a share ``rho`` in
+    [0.3, 0.9] of each column's variance) and ``rows x 5`` factor scores; add ``W F^T``."""
+    rho = 0.3 + 0.6 * torch.rand(batch, 1, 1, generator=g, dtype=torch.float64)
+    F = torch.randn(batch, n, 5, generator=g, dtype=torch.float64) * torch.sqrt(rho / (1 - rho) / 5)
+    return F, torch.randn(batch, rows, 5, generator=g, dtype=torch.float64)
+
+
+def _sparse_codes(batch: int, n: int, k: Tensor, g: torch.Generator | None) -> Tensor:
+    """``batch`` vectors, instance ``i`` with ``k[i]`` N(0, 1) entries at random places."""
+    idx = torch.rand(batch, n, generator=g).argsort(1)
+    vals = torch.randn(batch, n, generator=g, dtype=torch.float64)
+    x = torch.where(torch.arange(n) < k[:, None], vals, torch.zeros_like(vals))
+    return torch.zeros_like(x).scatter_(1, idx, x)
+
+
 @functools.lru_cache(maxsize=16)
 def _image_patches(side: int) -> np.ndarray:
     """All ``side x side`` patches (stride ``side // 2``) of scikit-learn's two sample
@@ -137,17 +153,11 @@ class LassoMixture(ProblemFamily):
         m, n = self.shapes[int(torch.randint(len(self.shapes), (1,), generator=g))]
         design = torch.randint(len(self.designs), (batch,), generator=g)
         A = torch.randn(batch, m, n, generator=g, dtype=torch.float64)
-        # factor: rows z + F w, F shared per instance; rho = |F_j|^2 / (1 + |F_j|^2)
-        rho = 0.3 + 0.6 * torch.rand(batch, 1, 1, generator=g, dtype=torch.float64)
-        F = torch.randn(batch, n, 5, generator=g, dtype=torch.float64) * torch.sqrt(rho / (1 - rho) / 5)
-        W = torch.randn(batch, m, 5, generator=g, dtype=torch.float64)
+        F, W = _factor_loadings(batch, m, n, g)
         cols = _log_uniform(0.1, 10.0, (batch, 1, n), g)
         scale = _log_uniform(0.1, 10.0, (batch, 1, 1), g)
         k = torch.clamp((_log_uniform(*self.sparsity, batch, g) * min(m, n)).round().long(), min=1)
-        idx = torch.rand(batch, n, generator=g).argsort(1)
-        vals = torch.randn(batch, n, generator=g, dtype=torch.float64)
-        x = torch.where(torch.arange(n) < k[:, None], vals, torch.zeros_like(vals))
-        x = torch.zeros_like(x).scatter_(1, idx, x)
+        x = _sparse_codes(batch, n, k, g)
         eta = torch.where(torch.rand(batch, generator=g) < 1 / 3, torch.zeros(batch, dtype=torch.float64),
                           _log_uniform(*self.noise, batch, g))
         e = torch.randn(batch, m, generator=g, dtype=torch.float64)
@@ -206,16 +216,11 @@ class LogisticMixture(ProblemFamily):
         N, n = self.shapes[int(torch.randint(len(self.shapes), (1,), generator=g))]
         design = torch.randint(len(self.designs), (batch,), generator=g)
         Z = torch.randn(batch, N, n, generator=g, dtype=torch.float64)
-        rho = 0.3 + 0.6 * torch.rand(batch, 1, 1, generator=g, dtype=torch.float64)
-        F = torch.randn(batch, n, 5, generator=g, dtype=torch.float64) * torch.sqrt(rho / (1 - rho) / 5)
-        Wf = torch.randn(batch, N, 5, generator=g, dtype=torch.float64)
+        F, Wf = _factor_loadings(batch, N, n, g)
         rates = 0.05 + 0.45 * torch.rand(batch, 1, n, generator=g, dtype=torch.float64)
         U = torch.rand(batch, N, n, generator=g, dtype=torch.float64)
         k = torch.clamp((_log_uniform(*self.sparsity, batch, g) * n).round().long(), min=1)
-        idx = torch.rand(batch, n, generator=g).argsort(1)
-        vals = torch.randn(batch, n, generator=g, dtype=torch.float64)
-        x = torch.where(torch.arange(n) < k[:, None], vals, torch.zeros_like(vals))
-        x = torch.zeros_like(x).scatter_(1, idx, x)
+        x = _sparse_codes(batch, n, k, g)
         kappa = _log_uniform(1.0, 30.0, (batch, 1), g)
         e = torch.rand(batch, N, generator=g, dtype=torch.float64).clamp(1e-12, 1 - 1e-12)
         pos = self.positives[0] + (self.positives[1] - self.positives[0]) * torch.rand(batch, 1, generator=g,
