@@ -244,3 +244,21 @@ def test_reference_polish_is_linear_in_the_batch():
     sol = reference_solve(prob)
     assert float(sol.kkt.max()) < 1e-12
     assert sizes.count(6) <= 2 and sizes.count(1) > 6  # the polish ran, on slices of one instance
+
+
+@pytest.mark.parametrize("shape", [(3, 20, 40), (3, 40, 20)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_spectral_norm_gram_path_matches_svd(monkeypatch, shape, dtype):
+    """Beyond GRAM_ABOVE the spectral norm comes from the smaller Gram matrix: the SVD's
+    value to float64 rounding, in the SVD path's dtype, wide and tall, batched."""
+    from torch_l2o.problems import families
+
+    M = torch.randn(*shape, generator=torch.Generator().manual_seed(1), dtype=D).to(dtype)
+    svd = torch.linalg.matrix_norm(M.to(torch.promote_types(dtype, torch.float32)).double(), ord=2)
+    monkeypatch.setattr(families, "GRAM_ABOVE", 8)
+    gram = families._spectral_norm(M)
+    assert gram.dtype == torch.promote_types(dtype, torch.float32) and gram.shape == (3,)
+    tol = 1e-13 if dtype == D else 1e-6
+    torch.testing.assert_close(gram.double(), svd, rtol=tol, atol=0)
+    monkeypatch.setattr(families, "GRAM_ABOVE", 512)  # below it: the SVD itself, bit for bit
+    assert torch.equal(families._spectral_norm(M), torch.linalg.matrix_norm(M.to(gram.dtype), ord=2))
