@@ -32,7 +32,7 @@ if __package__ in (None, ""):  # run as a script from a checkout
 
 import torch_l2o  # noqa: E402
 from torch_l2o.baselines import soft_impute  # noqa: E402
-from torch_l2o.meta import rollout  # noqa: E402
+from torch_l2o.meta import LOSSES, rollout  # noqa: E402
 from torch_l2o.problems import (GaussianMixture, Lasso, LassoMixture, LeastSquares, LogisticL1,  # noqa: E402
                                 LogisticMixture, MatrixCompletion, MLPFamily, mean_relative_error, reference_solve)
 from torch_l2o.registry import available_architectures, get_architecture  # noqa: E402
@@ -315,6 +315,8 @@ def train_one(arch, family_name, args):
     spec = get_architecture(arch)
     base = {**TRAIN, **FAMILY_TRAIN.get(family_name, {}), **spec.training}
     settings = {**base, "steps": args.steps or base["steps"], "seed": args.seed}
+    if args.loss:
+        settings["loss"] = args.loss
     options = dict(spec.network_options)
     if "inputs" in inspect.signature(spec.network.__init__).parameters:
         options.update(FAMILY_OPTIONS.get(family_name, {}))
@@ -333,7 +335,8 @@ def train_one(arch, family_name, args):
         seconds = card_old.get("training_cpu_seconds")
         config = net.config()
     else:
-        ck = ck_dir / f"{arch}-{name}-seed{args.seed}.pt"
+        # a run with another meta-loss is another run: it must not resume this one's checkpoint
+        ck = ck_dir / f"{arch}-{name}{'-' + args.loss if args.loss else ''}-seed{args.seed}.pt"
         best, hist = torch_l2o.meta_train(arch, family, checkpoint=str(ck), resume=str(ck),
                                            checkpoint_every=10, **settings, **options)
         selection = None
@@ -370,7 +373,8 @@ def train_one(arch, family_name, args):
         "training_history": hist_d,
         "reproduce": (f"python pretrained/train.py --family {family_name} --arch {arch} --seed {args.seed}"
                       + (f" --steps {args.steps}" if args.steps else "")
-                      + (f" --variant {args.variant}" if args.variant else "")),
+                      + (f" --variant {args.variant}" if args.variant else "")
+                      + (f" --loss {args.loss}" if args.loss else "")),
     }
     save_weights(out, net, arch, card)
     print(json.dumps({"file": str(out), "figures": figures}, indent=1))
@@ -408,6 +412,9 @@ def _meta_loss_text(settings, family_name):
         return f"batch-mean F at the last of T = {settings['horizon']} steps, full backpropagation"
     if family_name in ("mc", "gmm"):
         return "mean over a segment's rounds and instances of log F after each round"
+    if settings["loss"] == "log_gap":
+        return ("mean over a segment's iterations and instances of log(F(x_k) - F* + 1e-7 |F*|), "
+                "F* from a float64 solve of each training batch")
     return "mean over a segment's iterations and instances of log F(x_k)"
 
 
@@ -423,6 +430,7 @@ def main(argv=None):
     ap.add_argument("--add-figures", nargs="+", metavar="RUN",
                     help="measure these runs (fista_restart, learned_bf16_state, ...) on a shipped card's "
                          "instances and add them to its figures")
+    ap.add_argument("--loss", choices=LOSSES, help="the meta-loss (default: the family's; see torch_l2o.meta_train)")
     ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates; pa, pagru, pamr: scaled)")
     args = ap.parse_args(argv)
     families = list(FAMILIES) if "all" in args.family else args.family
