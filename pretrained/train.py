@@ -15,6 +15,7 @@ run resumes from its checkpoint when started again with the same arguments.
 from __future__ import annotations
 
 import argparse
+import ast
 import inspect
 import json
 import math
@@ -311,12 +312,16 @@ def train_one(arch, family_name, args):
     name = family_name + (f"-{args.variant}" if args.variant else "")
     out = Path(args.out) / f"{arch}-{name}.safetensors"
     ck_dir = Path(args.checkpoints)
-    ck_dir.mkdir(parents=True, exist_ok=True)
     spec = get_architecture(arch)
     base = {**TRAIN, **FAMILY_TRAIN.get(family_name, {}), **spec.training}
     settings = {**base, "steps": args.steps or base["steps"], "seed": args.seed}
+    overrides = dict(args.set or [])
     if args.loss:
-        settings["loss"] = args.loss
+        overrides["loss"] = args.loss
+    unknown = sorted(set(overrides) - set(settings))
+    if unknown:
+        raise SystemExit(f"--set {', '.join(unknown)}: not a training setting; known: {', '.join(sorted(settings))}")
+    settings.update(overrides)
     options = dict(spec.network_options)
     if "inputs" in inspect.signature(spec.network.__init__).parameters:
         options.update(FAMILY_OPTIONS.get(family_name, {}))
@@ -335,10 +340,14 @@ def train_one(arch, family_name, args):
         seconds = card_old.get("training_cpu_seconds")
         config = net.config()
     else:
-        # a run with another meta-loss is another run: it must not resume this one's checkpoint
-        ck = ck_dir / f"{arch}-{name}{'-' + args.loss if args.loss else ''}-seed{args.seed}.pt"
+        # other settings or another start make another run: it must not resume this one's checkpoint
+        tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items())) + (
+            f"-from-{Path(args.init).stem}" if args.init else "")
+        ck = ck_dir / f"{arch}-{name}{tag}-seed{args.seed}.pt"
+        ck_dir.mkdir(parents=True, exist_ok=True)
+        init = {"init": args.init} if args.init else {}
         best, hist = torch_l2o.meta_train(arch, family, checkpoint=str(ck), resume=str(ck),
-                                           checkpoint_every=10, **settings, **options)
+                                           checkpoint_every=10, **settings, **options, **init)
         selection = None
         if spec.extrapolates and family_name in COMPOSITE:
             final = torch.load(ck, weights_only=True)["net"]
@@ -363,7 +372,7 @@ def train_one(arch, family_name, args):
         figures = evaluate_composite(arch, sd, config, family_name, family)
     card = {
         "family": family_name, "family_settings": dict(family.__dict__),
-        "training": settings,
+        "training": {**settings, **({"init": args.init} if args.init else {})},
         "selection": hist_d.get("selection") if isinstance(hist_d, dict) else None,
         "meta_loss": _meta_loss_text(settings, family_name),
         "training_cpu_seconds": seconds,
@@ -374,7 +383,9 @@ def train_one(arch, family_name, args):
         "reproduce": (f"python pretrained/train.py --family {family_name} --arch {arch} --seed {args.seed}"
                       + (f" --steps {args.steps}" if args.steps else "")
                       + (f" --variant {args.variant}" if args.variant else "")
-                      + (f" --loss {args.loss}" if args.loss else "")),
+                      + (f" --loss {args.loss}" if args.loss else "")
+                      + "".join(f" --set {k}={v}" for k, v in (args.set or []))
+                      + (f" --init {args.init}" if args.init else "")),
     }
     save_weights(out, net, arch, card)
     print(json.dumps({"file": str(out), "figures": figures}, indent=1))
@@ -418,6 +429,16 @@ def _meta_loss_text(settings, family_name):
     return "mean over a segment's iterations and instances of log F(x_k)"
 
 
+def _setting(text):
+    key, sep, value = text.partition("=")
+    if not sep:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected KEY=VALUE, e.g. horizon=300")
+    try:
+        return key, ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        return key, value
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--family", nargs="+", default=["lasso"], help="lasso, logistic, mlp, mc, gmm, qp or all")
@@ -431,6 +452,9 @@ def main(argv=None):
                     help="measure these runs (fista_restart, learned_bf16_state, ...) on a shipped card's "
                          "instances and add them to its figures")
     ap.add_argument("--loss", choices=LOSSES, help="the meta-loss (default: the family's; see torch_l2o.meta_train)")
+    ap.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
+                    help="override a training setting (horizon=300, lr=1e-3, ...); repeatable")
+    ap.add_argument("--init", help="start from these weights (a shipped name such as pamr-lasso, or a path): fine-tuning")
     ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates; pa, pagru, pamr: scaled)")
     args = ap.parse_args(argv)
     families = list(FAMILIES) if "all" in args.family else args.family

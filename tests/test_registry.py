@@ -138,7 +138,7 @@ def test_cells_run_through_the_dispatcher():
 
 def test_small_defects_stay_fixed(capsys):
     """Docstrings hold no control characters (MathGD's held a backspace where \\big was
-    meant); every registered update is exported; train.py refuses an unknown --arch."""
+    meant); every registered update is exported; train.py refuses an unknown --arch or --set."""
     import importlib.util
     from pathlib import Path
 
@@ -160,3 +160,9 @@ def test_small_defects_stay_fixed(capsys):
     with pytest.raises(SystemExit):
         train.main(["--family", "mc", "--arch", "pa"])
     assert "pa is not trained on mc; its families: lasso, logistic" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="horizn: not a training setting; known: batch, clip, horizon"):
+        train.main(["--family", "lasso", "--arch", "pa", "--set", "horizn=300", "--out", "/nonexistent"])
+    with pytest.raises(SystemExit):
+        train.main(["--set", "horizon"])
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+    assert train._setting("lr=1e-3") == ("lr", 1e-3) and train._setting("loss=log_gap") == ("loss", "log_gap")
