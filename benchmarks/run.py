@@ -41,6 +41,7 @@ def parse(argv=None) -> SimpleNamespace:
         suites=a.suite or (list(SUITES) if a.all or a.full else DEFAULT), full=a.full, seed=a.seed,
         device=a.device, data_dir=a.data_dir, out=a.out, report=a.report,
         instances=a.instances or (1024 if a.full else 32), iters=a.iters or (1000 if a.full else 200),
+        iters_given=a.iters is not None,  # a suite may pick its own budget when it is not
     )
 
 
