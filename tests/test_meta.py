@@ -1,5 +1,6 @@
 """meta_train: repeatable, resumable, robust to non-finite batches, data-parallel."""
 
+import dataclasses
 import math
 import os
 import socket
@@ -173,6 +174,21 @@ def test_data_parallel_two_processes(tmp_path):
     assert w0["losses"] != w1["losses"]  # each rank sampled its own instances
     single, _ = torch_l2o.meta_train("pa", FAM, steps=3, seed=0, **TINY)
     assert not _equal(single, w0["weights"])  # two ranks' batches are not one rank's
+
+
+def test_resume_with_other_settings_is_refused(tmp_path):
+    """A checkpoint records its run's settings: resuming it with another lr or family would
+    silently continue a different run, so it is refused, naming what differs; more steps
+    are fine (that is what resuming is for)."""
+    ck = str(tmp_path / "ck.pt")
+    torch_l2o.meta_train("pa", FAM, steps=2, seed=0, checkpoint=ck, checkpoint_every=1, **TINY)
+    with pytest.raises(ValueError, match=r"another run \(lr: checkpoint 0.003, now 0.001\)"):
+        torch_l2o.meta_train("pa", FAM, steps=3, seed=0, resume=ck, **{**TINY, "lr": 1e-3})
+    other = dataclasses.replace(FAM, lam=0.2)
+    with pytest.raises(ValueError, match="another run \\(family: checkpoint"):
+        torch_l2o.meta_train("pa", other, steps=3, seed=0, resume=ck, **TINY)
+    _, h = torch_l2o.meta_train("pa", FAM, steps=3, seed=0, resume=ck, **TINY)
+    assert len(h.loss) == 3
 
 
 def test_corrupt_checkpoint_is_a_clear_error(tmp_path):

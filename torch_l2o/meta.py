@@ -18,6 +18,7 @@ instances and the gradients are averaged.
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import math
 import os
@@ -225,14 +226,25 @@ def _save_checkpoint(path: str, payload: dict) -> None:
     os.replace(tmp, path)  # atomic: a kill leaves the previous checkpoint intact
 
 
-def save_checkpoint(path: str, arch: str, step: int, net, opt, best: dict, hist: MetaHistory) -> None:
-    """Everything a resumed run needs to repeat the uninterrupted one."""
+def _describe(family) -> str:
+    """A family's settings as text, stable across processes (a dataclass's repr; otherwise
+    only its type: an object's default repr holds its memory address)."""
+    return repr(family) if dataclasses.is_dataclass(family) else type(family).__qualname__
+
+
+def save_checkpoint(path: str, arch: str, step: int, net, opt, best: dict, hist: MetaHistory,
+                    run: dict | None = None) -> None:
+    """Everything a resumed run needs to repeat the uninterrupted one; ``run``: the settings
+    that must match for a resume to be that run (everything but ``steps``)."""
     _save_checkpoint(path, {"arch": arch, "step": step, "net": net.state_dict(), "opt": opt.state_dict(),
-                            "best": best, "history": hist.as_dict()})
+                            "best": best, "history": hist.as_dict(), "run": run or {}})
 
 
-def load_checkpoint(path: str, arch: str, net, opt, device: str) -> tuple[dict, MetaHistory, int]:
-    """Restore ``net`` and ``opt`` from ``path``; returns the best weights, history and step."""
+def load_checkpoint(path: str, arch: str, net, opt, device: str,
+                    run: dict | None = None) -> tuple[dict, MetaHistory, int]:
+    """Restore ``net`` and ``opt`` from ``path``; returns the best weights, history and step.
+    A checkpoint written with other ``run`` settings is refused: resuming it would silently
+    continue a different run (checkpoints written before settings were recorded are accepted)."""
     try:
         ck = torch.load(path, weights_only=True, map_location=device)  # no pickle: tensors and plain data
     except Exception as e:
@@ -240,6 +252,12 @@ def load_checkpoint(path: str, arch: str, net, opt, device: str) -> tuple[dict, 
                          "corrupt or not a torch_l2o checkpoint: delete it to start over") from e
     if ck["arch"] != arch:
         raise ValueError(f"checkpoint {path} is for {ck['arch']!r}, not {arch!r}")
+    saved = ck.get("run") or {}
+    differ = sorted(k for k in (run or {}) if k in saved and saved[k] != run[k])
+    if differ:
+        what = "; ".join(f"{k}: checkpoint {saved[k]!r}, now {run[k]!r}" for k in differ)
+        raise ValueError(f"checkpoint {path} is another run ({what}): resume it with its settings, "
+                         "or pass another checkpoint path (or delete it) to start this one")
     net.load_state_dict(ck["net"])
     opt.load_state_dict(ck["opt"])
     return ck["best"], MetaHistory(**ck["history"]), ck["step"]
@@ -377,7 +395,8 @@ def meta_train(
             draws a shape per batch: several batches cover it); the score is their mean.
         seed: fixes batches, validation set, initialisation and dropout.
         checkpoint, checkpoint_every, resume: where and how often to save; a checkpoint
-            to continue from (the run then repeats the uninterrupted one exactly).
+            to continue from (the run then repeats the uninterrupted one exactly; one written
+            with other settings, ``steps`` aside, is refused).
         init: initial weights (``"untrained"``, a name, a path or a state dict).
         inner_steps: learned steps per variable block per round (``t_l`` of GSO; default
             the architecture's training setting, else 1). On a multi-block family each
@@ -415,8 +434,14 @@ def meta_train(
     hist = MetaHistory()
     best = {k: v.detach().clone() for k, v in net.state_dict().items()}
     start = 0
+    # what makes this run this run (everything but its length): a resume must match it
+    run = {"family": _describe(family), "batch": batch, "horizon": horizon, "unroll": unroll, "lr": lr, "loss": loss,
+           "score": score, "clip": clip, "val_every": val_every, "val_batch": val_batch, "val_iters": val_iters,
+           "val_batches": val_batches, "seed": seed, "inner_steps": inner_steps, "meta_optimizer": meta_optimizer,
+           "fixed_batch": fixed_batch, "net_options": repr(sorted(net_options.items())),
+           "init": init if isinstance(init, str) else "given weights"}
     if resume is not None and os.path.exists(resume):
-        best, hist, start = load_checkpoint(resume, spec.name, net, opt, device)
+        best, hist, start = load_checkpoint(resume, spec.name, net, opt, device, run=run)
     validate = Validation(spec, family, batch=val_batch, iters=val_iters or horizon, inner_steps=inner_steps,
                           seed=seed, device=device, batches=val_batches)
 
@@ -446,7 +471,7 @@ def meta_train(
         hist.seconds += time.perf_counter() - t0
         t0 = time.perf_counter()
         if checkpoint and rank == 0 and (done % checkpoint_every == 0 or done == steps):
-            save_checkpoint(checkpoint, spec.name, done, net, opt, best, hist)
+            save_checkpoint(checkpoint, spec.name, done, net, opt, best, hist, run=run)
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{hist.loss[-1]:.3g}", best=f"{hist.best:.3g}", skipped=hist.skipped)
