@@ -392,7 +392,7 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
     filled = new.get("filled")
     off, block = 0, CONFIG["BLOCK"]
     scales = input_scales(kind, net, ys, gs, lr, instance_dims)
-    scaled = scales[0] is not None
+    scaled = any(inv is not None for inv in scales)  # False for an empty tensor list too
     for y, g, x, (lr_t, lr_div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
         n = y.numel()
         if n:
