@@ -735,7 +735,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     new = dict(state)
     for k in names:
         new[k] = state[k].contiguous()
-    w = packed_weights(_PACKED, net, lambda n: _pack(n, cfg), extra=tuple(cfg.items()))
+    w = packed_weights(_PACKED, net, lambda n: _pack(n, cfg), extra=tuple(cfg.items()), params=weights)
     h, c = new["h"], new.get("c")
     m, v, win = new.get("m"), new.get("v"), new.get("window")
     aux = step_constants(kind, net, step)
