@@ -119,16 +119,18 @@ def test_pretrained_weights_keep_raw_inputs():
         torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1, weights="lasso", inputs="scaled")
 
 
+@pytest.mark.parametrize("cls", [torch_l2o.PAMR, torch_l2o.PAGRU])
 @pytest.mark.parametrize("name", ["lasso-mix", "logistic-mix"])
-def test_mixture_weights_load_with_their_scaled_inputs(name):
+def test_mixture_weights_load_with_their_scaled_inputs(name, cls):
     """The mixture weights' file sets the network option; asking for raw inputs is refused."""
-    opt = torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1, weights=name)
+    opt = cls([torch.zeros(3, requires_grad=True)], lr=0.1, weights=name)
     assert opt.net.inputs == "scaled" and opt.weights_info["card"]["family"] == name
     with pytest.raises(ValueError, match="trained with inputs='scaled'"):
-        torch_l2o.PAMR([torch.zeros(3, requires_grad=True)], lr=0.1, weights=name, inputs="raw")
+        cls([torch.zeros(3, requires_grad=True)], lr=0.1, weights=name, inputs="raw")
 
 
-def test_logistic_mixture_weights_are_not_slow_on_an_easy_problem():
+@pytest.mark.parametrize("cls", [torch_l2o.PAMR, torch_l2o.PAGRU])
+def test_logistic_mixture_weights_are_not_slow_on_an_easy_problem(cls):
     """The log-F meta-loss left the last digits unrewarded, and the first logistic-mix
     weights needed 2x FISTA-restart's iterations to 1e-6 on a well-conditioned problem
     (44 vs 20 on the ood suite's imbalanced set); the gap-loss weights need fewer."""
@@ -157,6 +159,5 @@ def test_logistic_mixture_weights_are_not_slow_on_an_easy_problem():
     fr = iterations(lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s, restart=True))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the watchdog must not need to step in
-        mix = iterations(lambda ps: torch_l2o.PAMR(ps, prox="l1", lam=lam, lr=s, weights="logistic-mix",
-                                                   instance_dims=1))
+        mix = iterations(lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights="logistic-mix", instance_dims=1))
     assert fr is not None and mix is not None and mix <= fr, (mix, fr)

@@ -16,6 +16,7 @@ from .registry import register_architecture
 __all__: list[str] = []
 
 _COMPOSITE = ("lasso", "logistic")
+_MIXTURES = ("lasso-mix", "logistic-mix")  # the broad mixtures (torch_l2o.problems.mixture), scaled inputs
 # the networks without a prox (L2O-DM, RNNProp) are also trained on small MLPs, as in their papers
 _BLACK_BOX = dict(applies_prox=False, lr_is_step=False, extrapolates=False, families=_COMPOSITE + ("mlp",),
                   default_weights="mlp")
@@ -23,9 +24,9 @@ _BLACK_BOX = dict(applies_prox=False, lr_is_step=False, extrapolates=False, fami
 register_architecture("pa", network=PANet, update=pa_update, optimizer=PA, display_name="L2O-PA",
                       default_weights="lasso", families=_COMPOSITE, paper="Liu et al., ICML 2023 (MS4L2O)")
 register_architecture("pagru", network=PAGRUNet, update=pa_update, optimizer=PAGRU, display_name="L2O-PA-GRU",
-                      default_weights="lasso", families=_COMPOSITE, paper="Liu 2026 (seed 000), ablation")
+                      default_weights="lasso", families=_COMPOSITE + _MIXTURES, paper="Liu 2026 (seed 000), ablation")
 register_architecture("pamr", network=PAMRNet, update=pa_update, optimizer=PAMR, display_name="L2O-PA-MR",
-                      default_weights="lasso", families=_COMPOSITE + ("lasso-mix", "logistic-mix"),
+                      default_weights="lasso", families=_COMPOSITE + _MIXTURES,
                       paper="Liu 2026 (seed 000)")
 register_architecture("l2odm", network=DMNet, update=dm_update, optimizer=L2ODM, display_name="L2O-DM",
                       paper="Andrychowicz et al., NeurIPS 2016", **_BLACK_BOX)
