@@ -50,10 +50,14 @@ def test_after_a_divergence_the_instance_runs_fista_restart_from_its_best_point(
     s = prob.step_size()
     x = prob.x0().requires_grad_(True)
     opt = torch_l2o.PA([x], prox="l1", lam=LAM, lr=s, weights=_bad_weights(), instance_dims=1)
+    calls = []
+    hook = opt._net_on(x.device).register_forward_hook(lambda *a: calls.append(1))
     with pytest.warns(RuntimeWarning, match="diverged or stalled on 1 instance"):
         _steps(opt, x, prob, 1)
         while not bool(opt.state[x]["watchdog"].all()):
             _steps(opt, x, prob, 1)
+    assert calls  # the learned step ran until the instance fell back
+    calls.clear()
     best = opt.state[x]["wd_best"]
     assert torch.equal(x.detach(), best) and torch.equal(opt.solution(x), best)  # restarted at its best point
     z = best.clone().requires_grad_(True)
@@ -63,6 +67,8 @@ def test_after_a_divergence_the_instance_runs_fista_restart_from_its_best_point(
         _steps(fista, z, prob, 1)
         assert torch.allclose(opt.solution(x), fista.solution(z), rtol=1e-6, atol=1e-7)
         assert torch.allclose(x, z, rtol=1e-6, atol=1e-7)
+    hook.remove()
+    assert calls == []  # every instance fell back: the network is no longer run
 
 
 @pytest.mark.parametrize("case,cls", [("lam / 5", torch_l2o.PA), ("Gaussian A and b", torch_l2o.PAMR)])

@@ -166,7 +166,12 @@ class LearnedOptimizer(ProxOptimizer):
             k, ext = group["instance_dims"], self.architecture.extrapolates
             plan = watchdog.check(ps, gs, states, lrs, group["prox"], prox_params, k, ext, type(self).__name__,
                                   self.state[group["params"][0]]) if group.get("watchdog") else None
-            _, _, commits = self._run(group, ps, gs, states, lrs, prox_params, inplace=True)
+            if plan is not None and bool(plan.mask.all()):
+                # every instance has left the learned step for good: its output would be
+                # overwritten, so the network is not run (the step costs FISTA-restart's)
+                commits = []
+            else:
+                _, _, commits = self._run(group, ps, gs, states, lrs, prox_params, inplace=True)
             if plan is not None:
                 watchdog.apply(plan, ps, states, k, ext)
         for S, new, sizes in commits:

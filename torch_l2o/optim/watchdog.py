@@ -86,6 +86,9 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
     for s, y in zip(states, ys):
         if "wd_best" not in s:
             s["wd_best"] = y.clone()
+    if "watchdog" in s0 and bool(s0["watchdog"].all()):  # all fell back for good: nothing left to watch
+        off = s0["watchdog"]
+        return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, torch.zeros_like(off))
     # G per instance in float64; the ops are few because on a small problem this check
     # costs more than the learned step itself (each op ~4 us of dispatch)
     spec, shape = get_prox(prox), tuple(params[0].shape[:k])
@@ -131,8 +134,13 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
             "training family, or so ill-conditioned that the learned step gains nothing: see "
             "state[p]['watchdog'], or pass watchdog=False to turn this off.",
             RuntimeWarning, stacklevel=_user_stacklevel())
-    # the instances already falling back take the FISTA-restart step (the optimizer's own
-    # update function), or the ISTA step T y_k; the state of the others is left as it is
+    return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, new)
+
+
+def _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, new) -> Plan:
+    """The instances already falling back (``off``) take the FISTA-restart step (the
+    optimizer's own update function), or the ISTA step T y_k; those falling back now
+    (``new``) restart at their best point; the state of the others is left as it is."""
     t = s0["wd_t"]
     if extrapolates:
         xs_f, ys_f, t_f = fista_update(ys, grads, [s["x"] for s in states], t, lrs=lrs, prox=prox,
