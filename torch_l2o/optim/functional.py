@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from ..kernels import prox_grad_step
-from ..kernels.fused import fused_step
+from ..kernels.fused import fused_update
 from .stepsize import instance_shape, instance_sum
 
 __all__ = ["ista_update", "fista_update", "fista_momentum", "pa_features", "pa_input_scale", "pa_update", "dm_update", "rnnprop_update", "mathgd_update"]
@@ -189,9 +189,9 @@ def pa_update(
     inputs :math:`\phi` of :func:`pa_features` (``net.inputs``: the papers' raw
     ``[g, y]``, or the scale-free ``[s g, y] / sigma``).
     """
-    if inplace and (new := fused_step("pa", net, state, ys, gs, xs, lr=lr, prox=prox, params=params,
-                                      step=step, instance_dims=instance_dims)) is not None:
-        return list(xs), list(ys), new
+    if (out := fused_update("pa", net, state, ys, gs, xs, inplace=inplace, lr=lr, prox=prox, params=params,
+                            step=step, instance_dims=instance_dims)) is not None:
+        return out
     feats = pa_features(ys, gs, _lrs(lr, len(ys)), inputs=getattr(net, "inputs", "raw"), instance_dims=instance_dims)
     (p, a), new_state = net(feats, state, instances=_instances(ys[0], instance_dims))
     out = [prox_grad_step(y, g, x, lr=s, p=pi, a=ai, prox=prox, params=params, inplace=inplace)
@@ -207,9 +207,9 @@ def dm_update(
     r"""L2O-DM (Andrychowicz et al. 2016): :math:`x_{k+1} = \operatorname{prox}_{\mathrm{lr}\,r}
     (x_k + \mathrm{lr}\cdot m(\nabla f(x_k)))`; the prox is the identity for L2O-DM itself
     and a block's prox for GSO. No extrapolation: ``xs`` are the ``ys``."""
-    if inplace and (new := fused_step("dm", net, state, ys, gs, xs, lr=lr, prox=prox, params=params,
-                                      step=step, instance_dims=instance_dims)) is not None:
-        return list(ys), list(ys), new
+    if (out := fused_update("dm", net, state, ys, gs, xs, inplace=inplace, lr=lr, prox=prox, params=params,
+                            step=step, instance_dims=instance_dims)) is not None:
+        return out
     out, new_state = net(net.features(_flat(gs).float(), _flat(ys).float()), state)
     # x + lr * out is a gradient step along -out: the same fused step as every optimizer
     xs_new = [prox_grad_step(y, -o.to(y.dtype), x, lr=s, prox=prox, params=params, inplace=inplace)[0]
@@ -226,10 +226,10 @@ def rnnprop_update(
     :math:`x_{k+1} = x_k - 0.1\,\mathrm{lr}\tanh(m([g / (\sqrt{\hat v} + \epsilon),
     \hat m / (\sqrt{\hat v} + \epsilon)]))`. It applies no prox (``prox`` must be
     ``"none"``); no extrapolation: ``xs`` are the ``ys``."""
-    if inplace and betas == (0.95, 0.95) and eps == 1e-8 and (new := fused_step(
-            "rnnprop", net, state, ys, gs, xs, lr=lr, prox=prox, params=params, step=step,
+    if betas == (0.95, 0.95) and eps == 1e-8 and (out := fused_update(
+            "rnnprop", net, state, ys, gs, xs, inplace=inplace, lr=lr, prox=prox, params=params, step=step,
             instance_dims=instance_dims)) is not None:
-        return list(ys), list(ys), new
+        return out
     b1, b2 = betas
     gf = _flat(gs).float()
     m = b1 * state["m"].float() + (1 - b1) * gf
