@@ -327,3 +327,34 @@ def test_safeguarded_proposals_take_the_backend_on_copies(arch, monkeypatch):
     got, ref = runs
     assert float(((got - ref).abs() / ref).max()) <= 1e-6
     assert float(ref[-1].mean()) < 0.5 * float(ref[0].mean())  # the runs went somewhere
+
+
+@pytest.mark.parametrize("arch", ["pa", "pamr", "l2odm", "rnnprop"])
+def test_out_of_place_rollouts_match_the_reference(arch, monkeypatch):
+    """Out of place and without autograd (meta-training's validation, ``evaluate``), the
+    backend steps copies; a rollout's first step passes ``x_0`` and ``y_0`` as one tensor,
+    which the copies must not alias."""
+    calls = []
+    real = cpu_learned_step
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    from torch_l2o.kernels import fused
+    from torch_l2o.meta import evaluate
+    from torch_l2o.problems import reference_solve
+
+    monkeypatch.setattr(fused, "_BACKENDS", [("cpu", spy)])
+    p64 = torch_l2o.problems.Lasso(m=48, n=64, sparsity=6, lam=0.1).sample(4, generator=torch.Generator().manual_seed(0),
+                                                                          dtype=torch.float64)
+    F_star = reference_solve(p64).F
+    net = build_network(arch, "lasso")[0].eval()
+    errs = []
+    for backend in ("cpu", False):
+        with use_fused(backend):
+            errs.append(evaluate(arch, net, p64.to(dtype=torch.float32), F_star, 20))
+    assert calls == [True] * 20
+    # relative errors agree (to the float32 floor: below 1e-6 both are rounding)
+    assert torch.allclose(errs[0], errs[1], rtol=1e-3, atol=1e-6), (errs[0], errs[1])

@@ -87,12 +87,15 @@ def fused_update(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequenc
     if not inplace:
         if _ENABLED is False or _ENABLED == "reference" or not _BACKENDS or torch.is_grad_enabled():
             return None
-        same = all(x is y for x, y in zip(xs, ys))  # no extrapolation: the update's xs are its ys
         ys = [y.clone() for y in ys]
-        xs = ys if same else [x.clone() for x in xs]
+        # separate copies even where a caller passes x_k and y_k as one tensor (a rollout's
+        # first step): the PA kernels write both; "dm" and "rnnprop" write ys only
+        xs = [x.clone() for x in xs] if kind == "pa" else ys
         state = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
     new = fused_step(kind, net, state, ys, gs, xs, **kw)
-    return None if new is None else (list(xs), list(ys), new)
+    if new is None:
+        return None
+    return (list(xs) if kind == "pa" else list(ys)), list(ys), new
 
 
 def fused_step(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,
