@@ -146,11 +146,11 @@ def _reference_only():
 @contextlib.contextmanager
 def _fused_calls():
     """Counts the learned updates' calls of the fused dispatcher and those a backend
-    served (wraps ``torch_l2o.optim.functional.fused_step`` for the duration)."""
+    served (wraps ``torch_l2o.optim.functional.fused_update`` for the duration)."""
     counts = {"calls": 0, "served": 0}
     try:
         from torch_l2o.optim import functional
-        orig = functional.fused_step
+        orig = functional.fused_update
     except (ImportError, AttributeError):
         yield counts
         return
@@ -161,11 +161,11 @@ def _fused_calls():
         counts["served"] += out is not None
         return out
 
-    functional.fused_step = counted
+    functional.fused_update = counted
     try:
         yield counts
     finally:
-        functional.fused_step = orig
+        functional.fused_update = orig
 
 
 def _path(counts) -> str:
