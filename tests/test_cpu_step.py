@@ -358,3 +358,35 @@ def test_out_of_place_rollouts_match_the_reference(arch, monkeypatch):
     assert calls == [True] * 20
     # relative errors agree (to the float32 floor: below 1e-6 both are rounding)
     assert torch.allclose(errs[0], errs[1], rtol=1e-3, atol=1e-6), (errs[0], errs[1])
+
+
+def test_scaled_inputs_optimizer_run_matches_reference(monkeypatch):
+    """PA-MR on the scale-free inputs (the mixture weights' networks): five ``opt.step()``
+    through the backend (one per-instance reduction, then the loop) and through the
+    reference agree."""
+    calls = []
+    real = cpu_learned_step
+
+    def spy(*a, **k):
+        out = real(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    from torch_l2o.kernels import fused
+
+    monkeypatch.setattr(fused, "_BACKENDS", [("cpu", spy)])
+    prob = torch_l2o.problems.Lasso(m=200, n=1200, sparsity=20).sample(2, generator=torch.Generator().manual_seed(1))
+    s = prob.step_size()
+    runs = []
+    for backend in ("cpu", False):
+        x = torch.zeros(2, 1200, requires_grad=True)
+        opt = torch_l2o.PAMR([x], prox="l1", lam=0.1, lr=s, weights="lasso-mix", instance_dims=1)
+        assert opt.net.inputs == "scaled"
+        with use_fused(backend):
+            for _ in range(5):
+                opt.zero_grad()
+                prob.smooth(x).sum().backward()
+                opt.step()
+        runs.append(x.detach().clone())
+    assert calls == [True] * 5
+    _close(runs[0], runs[1], "x")

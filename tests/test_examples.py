@@ -1,5 +1,5 @@
 """The quick examples run as a user runs them and print what their docstrings promise.
-(``custom_family.py`` meta-trains for minutes: a script, not a test.)"""
+(``custom_family.py`` meta-trains, about 30 s on two cores: a script, not a test.)"""
 
 import os
 import re

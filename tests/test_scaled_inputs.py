@@ -6,7 +6,6 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import torch_l2o
-from torch_l2o.kernels.fused import use_fused
 from torch_l2o.nets import PAGRUNet, PAMRNet, PANet
 from torch_l2o.optim.functional import pa_features
 from torch_l2o.problems import Lasso
@@ -91,25 +90,6 @@ def test_scaled_optimizer_is_scale_equivariant(Net):
         torch.testing.assert_close(run(c, "scaled"), c * base, rtol=1e-4, atol=1e-6 * c * float(base.abs().max()))
     raw = run(1.0, "raw")
     assert (run(50.0, "raw") - 50.0 * raw).abs().max() > 1e-2 * 50.0 * raw.abs().max()
-
-
-def test_fused_backends_decline_scaled_inputs_and_step_matches_reference():
-    torch.manual_seed(0)
-    net = PAMRNet(inputs="scaled").eval()
-    prob = Lasso(m=200, n=1200, sparsity=20).sample(2, generator=torch.Generator().manual_seed(1))
-    s = prob.step_size()
-
-    def run(fused):
-        x = torch.zeros(2, 1200, requires_grad=True)
-        opt = torch_l2o.PAMR([x], prox="l1", lam=0.1, lr=s, weights=net.state_dict(), inputs="scaled", instance_dims=1)
-        with use_fused(fused):
-            for _ in range(5):
-                opt.zero_grad()
-                prob.smooth(x).sum().backward()
-                opt.step()
-        return x.detach()
-
-    assert torch.equal(run(True), run(False))
 
 
 def test_pretrained_weights_keep_raw_inputs():

@@ -481,7 +481,8 @@ _BACKEND = "reference" if os.environ.get("TORCH_L2O_CPU_STEP", "compile") in ("r
 
 
 def set_cpu_step_backend(backend: str) -> str:
-    """Choose how in-place learned steps on CPU tensors run; returns the previous choice.
+    """Choose how learned steps on CPU tensors run without autograd (in place, and on
+    copies for the safeguard's proposals and validation); returns the previous choice.
 
     ``"compile"`` (default): the fused C++ loop of this module, compiled on first use.
     ``"reference"`` (``"eager"`` is the same): the update functions' PyTorch code.

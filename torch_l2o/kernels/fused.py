@@ -1,14 +1,16 @@
 """Fused learned steps: one dispatcher, the update functions' PyTorch code as the reference.
 
-A learned update (:mod:`torch_l2o.optim.functional`) run in place may be served whole
+A learned update (:mod:`torch_l2o.optim.functional`) run without autograd may be served whole
 by a *fused step backend*: features, network, prox-gradient step and extrapolation in
 one pass that reads each coordinate's state, ``g``, ``y`` and ``x`` once and writes
 them once (the Triton kernels of :mod:`torch_l2o.kernels.triton_learned` on CUDA, a
 compiled path on CPU). Backends are tried in order; each may decline a call (return
 ``None``: a network, device, dtype, prox or shape it does not handle), and the update
 function's own PyTorch code, which defines the result, runs it then. Backends step in
-place and without autograd: meta-training always runs the reference; the safeguard's
-out-of-place proposals are stepped on copies (:func:`fused_update`).
+place and without autograd: meta-training's differentiable unroll always runs the
+reference; out-of-place calls without autograd (the safeguard's proposals,
+``meta_train``'s validation through :func:`torch_l2o.meta.evaluate`) are stepped on copies
+(:func:`fused_update`).
 
 A backend is ``fn(kind, net, state, ys, gs, xs, *, lr, prox, params, step, instance_dims)
 -> state | None`` with ``kind`` the update's name (``"pa"``, ``"dm"``, ``"rnnprop"``) and
@@ -81,9 +83,12 @@ def requested() -> str | None:
 def fused_update(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor],
                  *, inplace: bool, **kw) -> tuple[list[Tensor], list[Tensor], State] | None:
     """``(xs+, ys+, state+)`` if a backend took the step, else ``None``. In place it writes
-    ``xs`` and ``ys``; out of place (the safeguard's proposals, without autograd) a backend
-    steps copies of ``ys``, ``xs`` and the state (a memory pass each, against the
-    reference's network: PA-MR's fused step is 9x faster at 16,000 coordinates)."""
+    ``xs`` and ``ys``; out of place without autograd (the safeguard's proposals, validation
+    rollouts) a backend steps copies of ``ys``, ``xs`` and the state (a memory pass each,
+    against the reference's network: PA-MR's fused step is 9x faster at 16,000
+    coordinates). The copies are made before the backends are asked, so a call they all
+    decline (Triton's interpreter, a bf16 state, a prox they do not know) pays them for
+    nothing: a pass over the state, small beside the reference's network."""
     if not inplace:
         if _ENABLED is False or _ENABLED == "reference" or not _BACKENDS or torch.is_grad_enabled():
             return None

@@ -1,6 +1,8 @@
 """The recurrent cells' forward: one dispatcher, with the PyTorch modules as the reference.
 
-Every learned optimizer's network runs its LSTM or GRU through :func:`rnn_step`. A
+Every learned optimizer's network, when it runs as PyTorch modules (the reference of the
+fused steps, :mod:`torch_l2o.kernels.fused`; meta-training), runs its LSTM or GRU through
+:func:`rnn_step`: a step that a fused step backend serves whole never reaches it. A
 faster implementation (a fused Triton cell, a compiled one) plugs in with
 :func:`register_cell_backend`: it is tried first and may decline a call (return
 ``None``: a device, dtype or shape it does not handle, or autograd it cannot serve), in

@@ -27,7 +27,11 @@ PA-MR on Gaussian ``A`` and ``b``, where half the instances oscillate at relativ
 ~10 with the residual between 0.1x and 1.5x its start, never jumping.
 
 Cost: one prox-gradient evaluation (an elementwise pass) and a per-instance norm per
-step, plus one copy of the parameters (``y*``).
+step, plus one copy of the parameters (``y*``); none once every instance of a group has
+fallen back (the optimizer then skips the network too). ``G`` is computed in the compute
+dtype (float32 for bf16/fp16 parameters), not rounded to the storage dtype: at a
+half-precision fixed point it is the rounding's small residual, not 0, so a half-precision
+run near its floor is handed to FISTA-restart sooner.
 """
 
 from __future__ import annotations
