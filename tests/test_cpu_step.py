@@ -148,25 +148,31 @@ def test_fifty_steps_of_a_lasso_run_match_reference(name):
         y, x = ys[0], xs[0]
 
 
+@pytest.fixture
+def backend_calls(monkeypatch):
+    """The CPU backend as the only fused backend, spied: the list records, per call,
+    whether it served the step."""
+    from torch_l2o.kernels import fused
+
+    calls = []
+
+    def spy(*a, **k):
+        out = cpu_learned_step(*a, **k)
+        calls.append(out is not None)
+        return out
+
+    monkeypatch.setattr(fused, "_BACKENDS", [("cpu", spy)])
+    return calls
+
+
 @pytest.mark.parametrize("arch", ["pa", "pagru", "pamr"])
-def test_optimizer_runs_stay_together_for_50_steps(arch, monkeypatch):
+def test_optimizer_runs_stay_together_for_50_steps(arch, backend_calls):
     """``opt.step()`` run through the backend and through the reference from the same
     start: after 50 steps the iterates agree to RTOL (measured: 1.4e-7 of max |x|). The
     PA family's steps contract on LASSO, so rounding differences do not accumulate.
     (L2O-DM's and RNNProp's features normalise the gradient, log|g| and sign g, g /
     sqrt(v): near the minimiser the reference itself, started 1e-7 away, moves by 1e-3
     in 50 steps; their 50 steps are compared step by step above.)"""
-    calls = []
-    real = cpu_learned_step
-
-    def spy(*a, **k):
-        out = real(*a, **k)
-        calls.append(out is not None)
-        return out
-
-    from torch_l2o.kernels import fused
-
-    monkeypatch.setattr(fused, "_BACKENDS", [("cpu", spy)])
     prob = torch_l2o.problems.Lasso(m=48, n=64, sparsity=6, lam=0.1).sample(8, generator=torch.Generator().manual_seed(0))
     runs = []
     for backend in ("cpu", False):
@@ -179,7 +185,7 @@ def test_optimizer_runs_stay_together_for_50_steps(arch, monkeypatch):
                 prob.smooth(x).sum().backward()
                 opt.step()
         runs.append((x.detach().clone(), opt.solution(x).clone()))
-    assert calls == [True] * 50
+    assert backend_calls == [True] * 50
     for got, ref in zip(*runs):
         _close(got, ref, "x")
 
@@ -286,23 +292,12 @@ def test_switch_and_missing_compiler(monkeypatch):
 
 
 @pytest.mark.parametrize("arch", ["pagru", "pamr"])
-def test_safeguarded_proposals_take_the_backend_on_copies(arch, monkeypatch):
+def test_safeguarded_proposals_take_the_backend_on_copies(arch, backend_calls):
     """``safeguard=True`` proposes the learned step out of place: the backend steps copies
     (the parameters are written only once the safeguard has decided), and the safeguarded
     run follows the reference's. Its accept test can tip either way on a near tie (the
     two candidates then have the same objective to ~1e-7), so the runs are compared by
     their objective at every step (measured: 7e-8 apart at most)."""
-    calls = []
-    real = cpu_learned_step
-
-    def spy(*a, **k):
-        out = real(*a, **k)
-        calls.append(out is not None)
-        return out
-
-    from torch_l2o.kernels import fused
-
-    monkeypatch.setattr(fused, "_BACKENDS", [("cpu", spy)])
     prob = torch_l2o.problems.Lasso(m=48, n=64, sparsity=6, lam=0.1).sample(8, generator=torch.Generator().manual_seed(0))
     p64 = prob.to(dtype=torch.float64)
     runs = []
@@ -323,30 +318,20 @@ def test_safeguarded_proposals_take_the_backend_on_copies(arch, monkeypatch):
                 opt.step(closure)
                 F.append(p64.objective(opt.solution(x).double()))
         runs.append(torch.stack(F))
-    assert calls == [True] * 30  # one proposal per step, stepped by the backend
+    assert backend_calls == [True] * 30  # one proposal per step, stepped by the backend
     got, ref = runs
     assert float(((got - ref).abs() / ref).max()) <= 1e-6
     assert float(ref[-1].mean()) < 0.5 * float(ref[0].mean())  # the runs went somewhere
 
 
 @pytest.mark.parametrize("arch", ["pa", "pamr", "l2odm", "rnnprop"])
-def test_out_of_place_rollouts_match_the_reference(arch, monkeypatch):
+def test_out_of_place_rollouts_match_the_reference(arch, backend_calls):
     """Out of place and without autograd (meta-training's validation, ``evaluate``), the
     backend steps copies; a rollout's first step passes ``x_0`` and ``y_0`` as one tensor,
     which the copies must not alias."""
-    calls = []
-    real = cpu_learned_step
-
-    def spy(*a, **k):
-        out = real(*a, **k)
-        calls.append(out is not None)
-        return out
-
-    from torch_l2o.kernels import fused
     from torch_l2o.meta import evaluate
     from torch_l2o.problems import reference_solve
 
-    monkeypatch.setattr(fused, "_BACKENDS", [("cpu", spy)])
     p64 = torch_l2o.problems.Lasso(m=48, n=64, sparsity=6, lam=0.1).sample(4, generator=torch.Generator().manual_seed(0),
                                                                           dtype=torch.float64)
     F_star = reference_solve(p64).F
@@ -355,26 +340,15 @@ def test_out_of_place_rollouts_match_the_reference(arch, monkeypatch):
     for backend in ("cpu", False):
         with use_fused(backend):
             errs.append(evaluate(arch, net, p64.to(dtype=torch.float32), F_star, 20))
-    assert calls == [True] * 20
+    assert backend_calls == [True] * 20
     # relative errors agree (to the float32 floor: below 1e-6 both are rounding)
     assert torch.allclose(errs[0], errs[1], rtol=1e-3, atol=1e-6), (errs[0], errs[1])
 
 
-def test_scaled_inputs_optimizer_run_matches_reference(monkeypatch):
+def test_scaled_inputs_optimizer_run_matches_reference(backend_calls):
     """PA-MR on the scale-free inputs (the mixture weights' networks): five ``opt.step()``
     through the backend (one per-instance reduction, then the loop) and through the
     reference agree."""
-    calls = []
-    real = cpu_learned_step
-
-    def spy(*a, **k):
-        out = real(*a, **k)
-        calls.append(out is not None)
-        return out
-
-    from torch_l2o.kernels import fused
-
-    monkeypatch.setattr(fused, "_BACKENDS", [("cpu", spy)])
     prob = torch_l2o.problems.Lasso(m=200, n=1200, sparsity=20).sample(2, generator=torch.Generator().manual_seed(1))
     s = prob.step_size()
     runs = []
@@ -388,5 +362,5 @@ def test_scaled_inputs_optimizer_run_matches_reference(monkeypatch):
                 prob.smooth(x).sum().backward()
                 opt.step()
         runs.append(x.detach().clone())
-    assert calls == [True] * 5
+    assert backend_calls == [True] * 5
     _close(runs[0], runs[1], "x")

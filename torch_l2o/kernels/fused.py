@@ -89,18 +89,18 @@ def fused_update(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequenc
     coordinates). The copies are made before the backends are asked, so a call they all
     decline (Triton's interpreter, a bf16 state, a prox they do not know) pays them for
     nothing: a pass over the state, small beside the reference's network."""
+    extrapolates = kind == "pa"  # the PA kernels write x and y; "dm" and "rnnprop" write ys only
     if not inplace:
         if _ENABLED is False or _ENABLED == "reference" or not _BACKENDS or torch.is_grad_enabled():
             return None
         ys = [y.clone() for y in ys]
-        # separate copies even where a caller passes x_k and y_k as one tensor (a rollout's
-        # first step): the PA kernels write both; "dm" and "rnnprop" write ys only
-        xs = [x.clone() for x in xs] if kind == "pa" else ys
+        # separate copies even where a caller passes x_k and y_k as one tensor (a rollout's first step)
+        xs = [x.clone() for x in xs] if extrapolates else ys
         state = {k: v.clone() if isinstance(v, Tensor) else v for k, v in state.items()}
     new = fused_step(kind, net, state, ys, gs, xs, **kw)
     if new is None:
         return None
-    return (list(xs) if kind == "pa" else list(ys)), list(ys), new
+    return list(xs if extrapolates else ys), list(ys), new
 
 
 def fused_step(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,

@@ -37,6 +37,16 @@ def step_size(lr: Operand, p: Operand, like: Tensor) -> Tensor:
     return t
 
 
+def prox_point_reference(y: Tensor, g: Tensor, lr: Operand, p: Operand = 1.0, prox: str = "none",
+                         params: Mapping[str, Any] | None = None) -> Tensor:
+    r""":math:`\operatorname{prox}_{t r}(y - t g)` with ``t = lr p``, in :func:`compute_dtype`
+    (not rounded back to ``y``'s dtype): the prox-gradient point, without extrapolation."""
+    cdt = compute_dtype(y.dtype)
+    yc = y.to(cdt)
+    t = step_size(lr, p, yc)
+    return get_prox(prox).prox(yc - t * g.to(cdt), t, **(params or {}))
+
+
 def prox_grad_step_reference(
     y: Tensor,
     g: Tensor,
@@ -57,11 +67,7 @@ def prox_grad_step_reference(
     ``lr``, ``p`` and ``a`` are Python numbers or tensors broadcasting against ``y``.
     Arithmetic is in :func:`compute_dtype`; results come back in ``y``'s dtype.
     """
-    spec = get_prox(prox)
     cdt = compute_dtype(y.dtype)
-    yc = y.to(cdt)
-    t = step_size(lr, p, yc)
-    z = yc - t * g.to(cdt)
-    x_new = spec.prox(z, t, **(params or {}))
+    x_new = prox_point_reference(y, g, lr, p, prox, params)
     y_new = x_new + _cast(a, cdt) * (x_new - x.to(cdt))
     return x_new.to(y.dtype), y_new.to(y.dtype)

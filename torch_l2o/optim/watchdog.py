@@ -45,8 +45,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..kernels.reference import compute_dtype, prox_grad_step_reference, step_size
-from ..prox import get_prox
+from ..kernels.reference import prox_point_reference
 from .functional import fista_update
 from .stepsize import instance_shape
 
@@ -95,12 +94,10 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
         return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, torch.zeros_like(off))
     # G per instance in float64; the ops are few because on a small problem this check
     # costs more than the learned step itself (each op ~4 us of dispatch)
-    spec, shape = get_prox(prox), tuple(params[0].shape[:k])
+    shape = tuple(params[0].shape[:k])
     G2 = None
     for y, g, lr in zip(ys, grads, lrs):
-        cdt = compute_dtype(y.dtype)
-        t = step_size(lr, 1.0, y.to(cdt))
-        d = spec.prox(y.to(cdt) - t * g.to(cdt), t, **(prox_params or {})) - y
+        d = prox_point_reference(y, g, lr, 1.0, prox, prox_params) - y
         dims = tuple(range(k, y.dim()))
         n2 = torch.linalg.vector_norm(d, dim=dims, dtype=torch.float64).reshape(shape).square() if dims else \
             d.double().square().reshape(shape)
@@ -150,8 +147,7 @@ def _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, of
         xs_f, ys_f, t_f = fista_update(ys, grads, [s["x"] for s in states], t, lrs=lrs, prox=prox,
                                        params=prox_params, restart=True, instance_dims=k)
     else:
-        zs = [prox_grad_step_reference(y, g, y, lr, 1.0, 0.0, prox, prox_params)[0]
-              for y, g, lr in zip(ys, grads, lrs)]
+        zs = [prox_point_reference(y, g, lr, 1.0, prox, prox_params).to(y.dtype) for y, g, lr in zip(ys, grads, lrs)]
         xs_f, ys_f, t_f = zs, zs, t
     s0["wd_t"] = torch.where(new, torch.ones_like(t), torch.where(off, t_f, t))
     xs_new, ys_new = [], []
