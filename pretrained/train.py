@@ -21,6 +21,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -57,7 +58,7 @@ COMPOSITE = ("lasso", "lasso-mix", "logistic", "logistic-mix")
 # and the scale-free log-objective meta-loss (see torch_l2o.meta_train). An architecture's
 # registered `training` settings override these (GSO, Math-L2O: their papers' protocols).
 TRAIN = dict(steps=300, batch=32, horizon=100, unroll=20, loss="log", lr=3e-3, clip=1.0,
-             val_every=20, val_batch=128)
+             val_every=20, val_batch=128, step_scale=None)
 # Small MLPs (L2O-DM, RNNProp papers): 1,510 weights per network, so batch 8 (12k coordinates,
 # fewer than LASSO's 32 x 500 = 16k) and 150 steps keep a run near 15 CPU minutes.
 FAMILY_TRAIN = {"mlp": dict(steps=150, batch=8, val_batch=32),
@@ -388,7 +389,7 @@ def train_one(arch, family_name, args):
                       + (f" --steps {args.steps}" if args.steps else "")
                       + (f" --variant {args.variant}" if args.variant else "")
                       + (f" --loss {args.loss}" if args.loss else "")
-                      + "".join(f" --set {k}={v}" for k, v in (args.set or []))
+                      + "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in (args.set or []))
                       + (f" --init {args.init}" if args.init else "")),
     }
     save_weights(out, net, arch, card)

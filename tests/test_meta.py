@@ -117,6 +117,38 @@ def test_meta_losses(loss):
     assert all(math.isfinite(v) for v in h.loss)
 
 
+def test_step_scale_trains_at_drawn_steps_and_validates_at_one_over_L(monkeypatch):
+    """step_scale=(lo, hi): each training batch unrolls at c / L with c drawn per instance
+    in [lo, hi]; validation (and the default) at 0.9999 / L."""
+    import torch_l2o.meta as meta
+
+    seen = []
+    real = meta.rollout
+
+    def spy(arch, net, problem, carry, steps, *, lr=None, **kw):
+        L = problem.lipschitz.unsqueeze(-1)
+        seen.append(None if lr is None else (lr * L).detach().reshape(-1))
+        return real(arch, net, problem, carry, steps, lr=lr, **kw)
+
+    monkeypatch.setattr(meta, "rollout", spy)
+    torch_l2o.meta_train("pa", FAM, steps=2, seed=0, step_scale=(0.5, 0.8), **{**TINY, "val_every": 100})
+    train = [c for c in seen if c is not None]
+    assert len(train) == 2 * (TINY["horizon"] // TINY["unroll"]) and len(seen) - len(train) >= 1  # validation: lr=None
+    c = torch.cat(train)
+    assert bool((c >= 0.5 - 1e-6).all() and (c <= 0.8 + 1e-6).all()) and float(c.std()) > 0.01
+    assert not torch.equal(train[0], train[-1])  # a fresh draw per batch
+    seen.clear()
+    torch_l2o.meta_train("pa", FAM, steps=1, seed=0, **TINY)
+    assert all(c is None for c in seen)  # default: the problem's own 0.9999 / L
+
+
+def test_step_scale_changes_training_and_repeats():
+    w1, _ = torch_l2o.meta_train("pa", FAM, steps=2, seed=0, step_scale=(0.5, 1.0), **TINY)
+    w2, _ = torch_l2o.meta_train("pa", FAM, steps=2, seed=0, step_scale=(0.5, 1.0), **TINY)
+    w0, _ = torch_l2o.meta_train("pa", FAM, steps=2, seed=0, **TINY)
+    assert _equal(w1, w2) and not _equal(w1, w0)
+
+
 def test_bad_arguments():
     with pytest.raises(ValueError, match="unknown architecture 'lstm'; known: pa, pagru, pamr"):
         torch_l2o.meta_train("lstm", FAM)
@@ -134,6 +166,10 @@ def test_bad_arguments():
         torch_l2o.meta_train("pa", FAM, loss="mse")
     with pytest.raises(ValueError, match="multiple of the unroll"):
         torch_l2o.meta_train("pa", FAM, horizon=10, unroll=3)
+    with pytest.raises(ValueError, match=r"step_scale must be a pair \(lo, hi\) with 0 < lo <= hi"):
+        torch_l2o.meta_train("pa", FAM, step_scale=(1.0, 0.5), **TINY)
+    with pytest.raises(ValueError, match="L2O-DM's lr scales its output instead: leave step_scale=None"):
+        torch_l2o.meta_train("l2odm", FAM, step_scale=(0.5, 1.0), **TINY)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         torch_l2o.meta_train("pa", FAM, resume="/no/such/checkpoint.pt", **TINY)
 

@@ -308,17 +308,18 @@ def all_reduce_gradients(params, ok: bool, device: str) -> bool:
 
 def meta_step(spec: Architecture, net, opt, problem, *, horizon: int, unroll: int, loss: str, score: str,
               clip: float | None, inner_steps: int, F_star: Tensor | None, distributed: bool, device: str,
-              hist: MetaHistory) -> tuple[list[float], list[float]]:
+              hist: MetaHistory, lr: Tensor | None = None) -> tuple[list[float], list[float]]:
     """One meta-training step on one batch: unroll ``horizon`` rounds in segments of
     ``unroll``, one optimizer step per segment on its meta-loss, everything detached
     between segments. A segment whose loss or gradient is not finite is skipped (and
     counted in ``hist.skipped``); non-finite iterates end the batch. Returns the applied
-    segments' losses and gradient norms."""
+    segments' losses and gradient norms. ``lr``: the base step (default the problem's
+    ``0.9999 / L``)."""
     carry, losses, norms = None, [], []
     with torch.no_grad():
         F0 = problem.objective(*problem.starts()).detach()
     for _ in range(horizon // unroll):
-        F, carry = rollout(spec.name, net, problem, carry, unroll, score=score, inner_steps=inner_steps)
+        F, carry = rollout(spec.name, net, problem, carry, unroll, lr=lr, score=score, inner_steps=inner_steps)
         meta = _meta_loss(F, loss, F_star, F0)
         opt.zero_grad(set_to_none=False)
         ok = bool(torch.isfinite(meta))
@@ -363,6 +364,7 @@ def meta_train(
     inner_steps: int | None = None,
     meta_optimizer: str = "adam",
     fixed_batch: bool = False,
+    step_scale: tuple[float, float] | None = None,
     device: str = "cpu",
     progress: bool = True,
     callback: Callable[[int, MetaHistory], None] | None = None,
@@ -404,6 +406,12 @@ def meta_train(
         meta_optimizer: ``"adam"`` (default) or ``"sgd"`` (Math-L2O's protocol).
         fixed_batch: train on the same ``batch`` instances at every step (a fixed training
             set, as in Math-L2O's convergence analysis) instead of fresh ones.
+        step_scale: ``(lo, hi)``: train with the base step ``c / L``, ``c`` drawn per instance
+            and batch log-uniformly from ``[lo, hi]`` instead of ``0.9999 / L`` (augmentation:
+            with ``lr=None`` the PA family steps at half the estimate ``1 / L_k``, which
+            on the LASSO family is about ``0.67 / L``: a step a network trained at ``1 / L``
+            alone never met). Validation stays at ``0.9999 / L``. Only for
+            architectures whose ``lr`` is the base step.
         **net_options: the network's constructor arguments.
 
     Time: a step costs about ``batch x horizon`` learned steps forward and backward; on
@@ -411,6 +419,15 @@ def meta_train(
     40-110 minutes per architecture.
     """
     spec = _check_arguments(arch, family, loss, score, horizon, unroll, steps, batch, meta_optimizer, val_batches)
+    if step_scale is not None:
+        ok = (isinstance(step_scale, (tuple, list)) and len(step_scale) == 2
+              and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in step_scale))
+        if not ok or not 0 < step_scale[0] <= step_scale[1]:
+            raise ValueError(f"step_scale must be a pair (lo, hi) with 0 < lo <= hi, e.g. (0.5, 1.0); got {step_scale!r}")
+        if not spec.lr_is_step:
+            raise ValueError(f"step_scale scales the base step 1/L; {spec.display_name}'s lr scales its output "
+                             "instead: leave step_scale=None")
+        step_scale = (float(step_scale[0]), float(step_scale[1]))
     lr = lr if lr is not None else (1e-2 if loss == "mean" else 3e-3)
     inner_steps = inner_steps if inner_steps is not None else spec.training.get("inner_steps", 1)
     sample = family.sample(1, generator=torch.Generator().manual_seed(0))
@@ -438,7 +455,7 @@ def meta_train(
     run = {"family": _describe(family), "batch": batch, "horizon": horizon, "unroll": unroll, "lr": lr, "loss": loss,
            "score": score, "clip": clip, "val_every": val_every, "val_batch": val_batch, "val_iters": val_iters,
            "val_batches": val_batches, "seed": seed, "inner_steps": inner_steps, "meta_optimizer": meta_optimizer,
-           "fixed_batch": fixed_batch, "net_options": repr(sorted(net_options.items())),
+           "fixed_batch": fixed_batch, **({"step_scale": list(step_scale)} if step_scale else {}), "net_options": repr(sorted(net_options.items())),
            "init": init if isinstance(init, str) else "given weights"}
     if resume is not None and os.path.exists(resume):
         best, hist, start = load_checkpoint(resume, spec.name, net, opt, device, run=run)
@@ -458,11 +475,17 @@ def meta_train(
         prob = family.sample(batch, generator=gen, dtype=torch.float64 if loss == "log_gap" else torch.float32)
         F_star = optimal_values(prob).float().to(device) if loss == "log_gap" else None
         prob = prob.to(device=device, dtype=torch.float32)
+        base_step = None
+        if step_scale is not None:  # log-uniform c per instance, from this batch's generator
+            L = prob.lipschitz.double().cpu().unsqueeze(-1)
+            lo, hi = math.log(step_scale[0]), math.log(step_scale[1])
+            c = torch.exp(lo + (hi - lo) * torch.rand(L.shape, generator=gen, dtype=torch.float64))
+            base_step = (c / L).to(device=device, dtype=torch.float32)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(seed, 4, step, rank))  # dropout
             losses, norms = meta_step(spec, net, opt, prob, horizon=horizon, unroll=unroll, loss=loss, score=score,
                                       clip=clip, inner_steps=inner_steps, F_star=F_star, distributed=distributed,
-                                      device=device, hist=hist)
+                                      device=device, hist=hist, lr=base_step)
         hist.loss.append(sum(losses) / len(losses) if losses else math.nan)
         hist.grad_norm.append(max(norms) if norms else math.nan)
         done = step + 1
