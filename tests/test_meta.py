@@ -166,8 +166,9 @@ def test_bad_arguments():
         torch_l2o.meta_train("pa", FAM, loss="mse")
     with pytest.raises(ValueError, match="multiple of the unroll"):
         torch_l2o.meta_train("pa", FAM, horizon=10, unroll=3)
-    with pytest.raises(ValueError, match=r"step_scale must be a pair \(lo, hi\) with 0 < lo <= hi"):
-        torch_l2o.meta_train("pa", FAM, step_scale=(1.0, 0.5), **TINY)
+    for bad in [(1.0, 0.5), (0.0, 1.0), (0.5, math.inf), 0.5, (True, 1.0)]:
+        with pytest.raises(ValueError, match=r"step_scale must be a pair \(lo, hi\) with 0 < lo <= hi < inf"):
+            torch_l2o.meta_train("pa", FAM, step_scale=bad, **TINY)
     with pytest.raises(ValueError, match="L2O-DM's lr scales its output instead: leave step_scale=None"):
         torch_l2o.meta_train("l2odm", FAM, step_scale=(0.5, 1.0), **TINY)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):

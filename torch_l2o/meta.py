@@ -422,8 +422,9 @@ def meta_train(
     if step_scale is not None:
         ok = (isinstance(step_scale, (tuple, list)) and len(step_scale) == 2
               and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in step_scale))
-        if not ok or not 0 < step_scale[0] <= step_scale[1]:
-            raise ValueError(f"step_scale must be a pair (lo, hi) with 0 < lo <= hi, e.g. (0.5, 1.0); got {step_scale!r}")
+        if not ok or not 0 < step_scale[0] <= step_scale[1] < math.inf:
+            raise ValueError(f"step_scale must be a pair (lo, hi) with 0 < lo <= hi < inf, e.g. (0.5, 1.0); "
+                             f"got {step_scale!r}")
         if not spec.lr_is_step:
             raise ValueError(f"step_scale scales the base step 1/L; {spec.display_name}'s lr scales its output "
                              "instead: leave step_scale=None")
@@ -455,7 +456,8 @@ def meta_train(
     run = {"family": _describe(family), "batch": batch, "horizon": horizon, "unroll": unroll, "lr": lr, "loss": loss,
            "score": score, "clip": clip, "val_every": val_every, "val_batch": val_batch, "val_iters": val_iters,
            "val_batches": val_batches, "seed": seed, "inner_steps": inner_steps, "meta_optimizer": meta_optimizer,
-           "fixed_batch": fixed_batch, **({"step_scale": list(step_scale)} if step_scale else {}), "net_options": repr(sorted(net_options.items())),
+           "fixed_batch": fixed_batch, **({"step_scale": list(step_scale)} if step_scale else {}),
+           "net_options": repr(sorted(net_options.items())),
            "init": init if isinstance(init, str) else "given weights"}
     if resume is not None and os.path.exists(resume):
         best, hist, start = load_checkpoint(resume, spec.name, net, opt, device, run=run)
