@@ -409,7 +409,7 @@ def meta_train(
         step_scale: ``(lo, hi)``: train with the base step ``c / L``, ``c`` drawn per instance
             and batch log-uniformly from ``[lo, hi]`` instead of ``0.9999 / L`` (augmentation:
             with ``lr=None`` the PA family steps at half the estimate ``1 / L_k``, which
-            on the LASSO family is about ``0.67 / L``: a step a network trained at ``1 / L``
+            on the LASSO family is about ``0.7 / L``: a step a network trained at ``1 / L``
             alone never met). Validation stays at ``0.9999 / L``. Only for
             architectures whose ``lr`` is the base step.
         **net_options: the network's constructor arguments.
