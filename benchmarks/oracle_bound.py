@@ -35,7 +35,7 @@ def first_below(err: torch.Tensor, tol: float) -> int | None:
 
 
 def run_optimizer(make, P32, Fs, K, x_star):
-    x = torch.zeros_like(P32.b.new_zeros(P32.A.shape[0], P32.A.shape[-1])).requires_grad_(True)
+    x = P32.x0().requires_grad_(True)
     opt = make([x])
     errs, found = [], []
     sign_star = torch.sign(x_star) * (x_star.abs() > 1e-9)
@@ -48,7 +48,7 @@ def run_optimizer(make, P32, Fs, K, x_star):
 
     for _ in range(K):
         opt.step(closure)
-        xk = opt.state[x]["x"] if "x" in opt.state[x] else x.detach()
+        xk = opt.solution(x).detach()
         errs.append(((P32.objective(xk).double() - Fs) / Fs.abs()).clamp(min=0))
         found.append((torch.sign(xk.double()) == sign_star).all(1).double().mean())
     return torch.stack(errs).mean(1), torch.stack(found)

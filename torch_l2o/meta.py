@@ -180,7 +180,7 @@ def _seed(*parts: int) -> int:
 
 
 def _check_arguments(arch: Any, family: Any, loss: str, score: str, horizon: int, unroll: int, steps: int,
-                     batch: int, meta_optimizer: str, val_batches: int = 1) -> Architecture:
+                     batch: int, meta_optimizer: str, val_batches: int = 1, step_scale: Any = None) -> Architecture:
     """Every argument error before anything runs, each naming the fix."""
     if not isinstance(arch, str) and (hasattr(arch, "sample") or isinstance(family, str)):
         raise TypeError("meta_train(arch, family): the architecture's name comes first, e.g. "
@@ -204,6 +204,15 @@ def _check_arguments(arch: Any, family: Any, loss: str, score: str, horizon: int
         raise ValueError(f"horizon ({horizon}) must be a multiple of the unroll length ({unroll})")
     if meta_optimizer not in ("adam", "sgd"):
         raise ValueError(f"meta_optimizer must be 'adam' or 'sgd', got {meta_optimizer!r}")
+    if step_scale is not None:
+        ok = (isinstance(step_scale, (tuple, list)) and len(step_scale) == 2
+              and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in step_scale))
+        if not ok or not 0 < step_scale[0] <= step_scale[1] < math.inf:
+            raise ValueError(f"step_scale must be a pair (lo, hi) with 0 < lo <= hi < inf, e.g. (0.5, 1.0); "
+                             f"got {step_scale!r}")
+        if not spec.lr_is_step:
+            raise ValueError(f"step_scale scales the base step 1/L; {spec.display_name}'s lr scales its output "
+                             "instead: leave step_scale=None")
     return spec
 
 
@@ -418,16 +427,9 @@ def meta_train(
     one CPU core the shipped LASSO settings (batch 32, horizon 100, 300 steps) take
     40-110 minutes per architecture.
     """
-    spec = _check_arguments(arch, family, loss, score, horizon, unroll, steps, batch, meta_optimizer, val_batches)
+    spec = _check_arguments(arch, family, loss, score, horizon, unroll, steps, batch, meta_optimizer, val_batches,
+                            step_scale)
     if step_scale is not None:
-        ok = (isinstance(step_scale, (tuple, list)) and len(step_scale) == 2
-              and all(isinstance(c, (int, float)) and not isinstance(c, bool) for c in step_scale))
-        if not ok or not 0 < step_scale[0] <= step_scale[1] < math.inf:
-            raise ValueError(f"step_scale must be a pair (lo, hi) with 0 < lo <= hi < inf, e.g. (0.5, 1.0); "
-                             f"got {step_scale!r}")
-        if not spec.lr_is_step:
-            raise ValueError(f"step_scale scales the base step 1/L; {spec.display_name}'s lr scales its output "
-                             "instead: leave step_scale=None")
         step_scale = (float(step_scale[0]), float(step_scale[1]))
     lr = lr if lr is not None else (1e-2 if loss == "mean" else 3e-3)
     inner_steps = inner_steps if inner_steps is not None else spec.training.get("inner_steps", 1)
