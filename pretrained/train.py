@@ -428,6 +428,9 @@ def _meta_loss_text(settings, family_name):
         return f"batch-mean F at the last of T = {settings['horizon']} steps, full backpropagation"
     if family_name in ("mc", "gmm"):
         return "mean over a segment's rounds and instances of log F after each round"
+    if settings["loss"] == "log_mean_gap":
+        return ("mean over a segment's iterations of log of the batch-mean relative gap (F(x_k) - F*) / |F*| + 1e-7, "
+                "F* from a float64 solve of each training batch")
     if settings["loss"] == "log_gap":
         return ("mean over a segment's iterations and instances of log(F(x_k) - F* + 1e-7 |F*|), "
                 "F* from a float64 solve of each training batch")

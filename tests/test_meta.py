@@ -111,10 +111,32 @@ def test_nonfinite_batches_are_skipped_never_applied():
     assert sum(math.isfinite(v) for v in h.loss) == 2  # the two clean batches trained
 
 
-@pytest.mark.parametrize("loss", ["log", "mean", "log_gap"])
+@pytest.mark.parametrize("loss", ["log", "mean", "log_gap", "log_mean_gap"])
 def test_meta_losses(loss):
     w, h = torch_l2o.meta_train("pa", FAM, steps=2, seed=0, loss=loss, **TINY)
     assert all(math.isfinite(v) for v in h.loss)
+
+
+def test_log_mean_gap_is_the_log_of_the_benchmark_metric():
+    """Per iteration, log(mean_relative_error + 1e-7), averaged over iterations. Its pull
+    on an instance does not shrink as the instance converges (log_gap's, 1 / gap, grows:
+    that loss is won on the fast instances, the metric is lost on the slow ones)."""
+    from torch_l2o.meta import _meta_loss
+    from torch_l2o.problems.base import mean_relative_error
+
+    F_star = torch.tensor([2.0, -1.0, 0.5, 0.0])
+    F = F_star + torch.tensor([[1e-3, 2e-1, 5e-2, 1e-2], [1e-5, 1e-4, 1e-6, 1e-8]])
+    expect = sum(math.log(float(mean_relative_error(f, F_star)) + 1e-7) for f in F) / len(F)
+    assert float(_meta_loss(F, "log_mean_gap", F_star)) == pytest.approx(expect, rel=1e-5)
+    scale = torch.tensor([2.0, 1.0, 0.5, 1.0])
+    for kind in ("log_mean_gap", "log_gap"):
+        Fg = F.clone().requires_grad_(True)
+        _meta_loss(Fg, kind, F_star).backward()
+        pull = Fg.grad[1] * scale  # per unit of relative gap, at the second iteration
+        if kind == "log_mean_gap":
+            assert torch.allclose(pull, pull[0].expand(4), rtol=1e-5)  # every instance alike
+        else:
+            assert int(pull.argmax()) == 3 and float(pull[3] / pull[1]) > 100  # the converged one most
 
 
 def test_step_scale_trains_at_drawn_steps_and_validates_at_one_over_L(monkeypatch):
