@@ -135,8 +135,9 @@ def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None, F0: Tensor | None = 
     if kind == "last":
         return F[-1].mean()
     if kind == "log_mean_gap":
-        # the benchmark's metric: log of the batch-mean relative gap, so the slowest
-        # instances, which decide when the mean reaches a tolerance, weigh the most
+        # the benchmark's metric: its value is ruled by the slowest instances, which decide
+        # when the mean reaches a tolerance; it pulls every instance alike per unit of
+        # relative gap (log_gap's pull, 1 / gap, grows as an instance converges)
         scale = torch.where(F_star != 0, F_star.abs(), torch.ones_like(F_star))  # as mean_relative_error
         rel = torch.clamp(F - F_star, min=0) / scale + 1e-7
         return torch.log(rel.mean(-1)).mean()
@@ -403,7 +404,7 @@ def meta_train(
             ``"log_gap"``: mean ``log(F - F*)``, which needs ``F*`` per batch (a float64
             solve per step) and rewards high accuracy most; ``"log_mean_gap"``: mean over
             iterations of ``log`` of the batch-mean relative gap ``(F - F*) / |F*|`` (the
-            benchmark's metric: the slowest instances weigh most); ``"last"``: the batch-mean ``F``
+            benchmark's metric, ruled by the slowest instances); ``"last"``: the batch-mean ``F``
             at a segment's last iteration (Math-L2O's objective; with ``unroll=horizon``,
             full backpropagation through the horizon).
         score: evaluate ``F`` at the prox output ``"x"`` (what users read, the default)
