@@ -31,6 +31,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from .problems import Problem, ProblemFamily, mean_relative_error, optimal_values
+from .problems.base import relative_gap
 from .prox import get_prox
 from .registry import Architecture, available_architectures, get_architecture
 from .weights import build_network
@@ -138,8 +139,7 @@ def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None, F0: Tensor | None = 
         # the benchmark's metric: its value is ruled by the slowest instances, which decide
         # when the mean reaches a tolerance; it pulls every instance alike per unit of
         # relative gap (log_gap's pull, 1 / gap, grows as an instance converges)
-        scale = torch.where(F_star != 0, F_star.abs(), torch.ones_like(F_star))  # as mean_relative_error
-        rel = torch.clamp(F - F_star, min=0) / scale + 1e-7
+        rel = torch.clamp(relative_gap(F, F_star), min=0) + 1e-7
         return torch.log(rel.mean(-1)).mean()
     gap = torch.clamp(F - F_star, min=0) + 1e-7 * F_star.abs()
     return torch.log(gap).mean()

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ..prox import prox_value
 
-__all__ = ["TensorFields", "ProblemBase", "Problem", "ProblemFamily", "mean_relative_error"]
+__all__ = ["TensorFields", "ProblemBase", "Problem", "ProblemFamily", "mean_relative_error", "relative_gap"]
 
 
 class TensorFields:
@@ -174,10 +174,14 @@ class ProblemFamily:
         raise NotImplementedError
 
 
-def mean_relative_error(F: Tensor, F_star: Tensor) -> Tensor:
-    """The benchmark metric: mean over instances of ``(F(x_k) - F*) / F*``, in float64;
-    where ``F* = 0`` (a consistent least-squares problem, say) the gap ``F(x_k)`` itself."""
-    F, F_star = F.double(), F_star.double().to(F.device)
+def relative_gap(F: Tensor, F_star: Tensor) -> Tensor:
+    """Per instance ``(F(x_k) - F*) / |F*|`` in ``F``'s dtype (differentiable); where
+    ``F* = 0`` (a consistent least-squares problem, say) the gap ``F(x_k)`` itself."""
     scale = torch.where(F_star != 0, F_star.abs(), torch.ones_like(F_star))
-    return ((F - F_star) / scale).mean()
+    return (F - F_star) / scale
+
+
+def mean_relative_error(F: Tensor, F_star: Tensor) -> Tensor:
+    """The benchmark metric: mean over instances of :func:`relative_gap`, in float64."""
+    return relative_gap(F.double(), F_star.double().to(F.device)).mean()
 
