@@ -58,7 +58,7 @@ COMPOSITE = ("lasso", "lasso-mix", "logistic", "logistic-mix")
 # and the scale-free log-objective meta-loss (see torch_l2o.meta_train). An architecture's
 # registered `training` settings override these (GSO, Math-L2O: their papers' protocols).
 TRAIN = dict(steps=300, batch=32, horizon=100, unroll=20, loss="log", lr=3e-3, clip=1.0,
-             val_every=20, val_batch=128, step_scale=None)
+             val_every=20, val_batch=128, step_scale=None, auto_step=0.0)
 # Small MLPs (L2O-DM, RNNProp papers): 1,510 weights per network, so batch 8 (12k coordinates,
 # fewer than LASSO's 32 x 500 = 16k) and 150 steps keep a run near 15 CPU minutes.
 FAMILY_TRAIN = {"mlp": dict(steps=150, batch=8, val_batch=32),
@@ -109,14 +109,16 @@ def held_batches(family, instances, seed):
             for i in range(k)]
 
 
-def evaluate_composite(arch, net_sd, config, family_name, family, only=None):
+def evaluate_composite(arch, net_sd, config, family_name, family, only=None, auto_lr_scales=()):
     """Figures for a LASSO / logistic card: learned vs FISTA and FISTA with adaptive
     restart (the headline baseline; true L) on held instances; the learned optimizer
     also with ``lr=None`` and with its recurrent state stored in bfloat16. ``only``:
-    compute just these runs (``--add-figures``). A mixture's figures are over its held
-    batches: the mean relative error over all their instances."""
+    compute just these runs (``--add-figures``). ``auto_lr_scales``: also the runs
+    ``learned_lr_none_x{c}``, ``lr=None`` with the estimated step's multiplier ``c``
+    (``--calibrate-step``). A mixture's figures are over its held batches: the mean
+    relative error over all their instances."""
     batches = held_batches(family, EVAL["instances"], EVAL["seed"])
-    per = [_composite_runs(arch, net_sd, config, prob64, only) for prob64 in batches]
+    per = [_composite_runs(arch, net_sd, config, prob64, only, auto_lr_scales) for prob64 in batches]
     total = sum(p.batch for p in batches)
     runs = per[0] if len(per) == 1 else {
         name: [sum(p.batch * r[name][k] for p, r in zip(batches, per)) / total
@@ -124,7 +126,7 @@ def evaluate_composite(arch, net_sd, config, family_name, family, only=None):
     return _figures(arch, family_name, runs, only)
 
 
-def _composite_runs(arch, net_sd, config, prob64, only):
+def _composite_runs(arch, net_sd, config, prob64, only, auto_lr_scales=()):
     F_star = reference_solve(prob64).F
     prob = prob64.to(torch.float32)
     lam = prob.prox_params["lam"]
@@ -144,8 +146,15 @@ def _composite_runs(arch, net_sd, config, prob64, only):
     if spec.applies_prox:
         plan["learned"] = lambda: _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd,
                                                               instance_dims=1, **config), EVAL["iters"], metric=metric)
-        plan["learned_lr_none"] = lambda: _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, weights=net_sd,
-                                                                      instance_dims=1, **config), 300, metric=metric)
+        def auto(ps, c=None):
+            opt = cls(ps, prox="l1", lam=lam, weights=net_sd, instance_dims=1, **config)
+            if c is not None:
+                opt.auto_lr_scale = c
+            return opt
+
+        plan["learned_lr_none"] = lambda: _trace(prob, auto, 300, metric=metric)
+        for c in auto_lr_scales:
+            plan[f"learned_lr_none_x{c}"] = lambda c=c: _trace(prob, lambda ps: auto(ps, c), 300, metric=metric)
         plan["learned_bf16_state"] = lambda: _trace(
             prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd, instance_dims=1,
                                  state_dtype=torch.bfloat16, **config), 300, metric=metric)
@@ -337,6 +346,8 @@ def train_one(arch, family_name, args):
         options.update(variant_options)
     if args.add_figures:
         return add_figures(arch, out, family_name, family, args.add_figures)
+    if args.calibrate_step:
+        return calibrate_step(arch, out, family_name, family)
     if args.card_only:
         net, info = build_network(arch, str(out))
         best, hist_d, seconds = net.state_dict(), (info["card"] or {}).get("training_history", {}), None
@@ -377,7 +388,7 @@ def train_one(arch, family_name, args):
         figures = evaluate_composite(arch, sd, config, family_name, family)
     card = {
         "family": family_name, "family_settings": dict(family.__dict__),
-        "training": {**settings, **({"init": args.init} if args.init else {})},
+        "training": {**settings, **({"init": args.init, "init_sha256": _init_sha(arch, args.init)} if args.init else {})},
         "selection": hist_d.get("selection") if isinstance(hist_d, dict) else None,
         "meta_loss": _meta_loss_text(settings, family_name),
         "training_cpu_seconds": seconds,
@@ -394,6 +405,15 @@ def train_one(arch, family_name, args):
     }
     save_weights(out, net, arch, card)
     print(json.dumps({"file": str(out), "figures": figures}, indent=1))
+    if family_name in COMPOSITE and spec.lr_is_step and spec.applies_prox:
+        calibrate_step(arch, out, family_name, family)  # the card's lr=None figures at the chosen multiplier
+
+
+def _init_sha(arch, init):
+    """sha256 of the weights a fine-tune started from: a shipped name may be replaced by
+    the run's own result, and git history keeps the file with this hash."""
+    from torch_l2o.weights import _resolve_path, sha256
+    return sha256(_resolve_path(arch, init))
 
 
 def add_figures(arch, out, family_name, family, names):
@@ -421,6 +441,50 @@ def add_figures(arch, out, family_name, family, names):
         "command": f"python pretrained/train.py --family {family_name} --arch {arch} --add-figures {' '.join(names)}"})
     card_path.write_text(json.dumps(card, indent=1, sort_keys=False) + "\n")
     print(json.dumps({"file": str(card_path), "added": figs}, indent=1), flush=True)
+
+
+AUTO_LR_SCALES = (0.5, 0.6, 0.7, 0.85, 1.0)  # multipliers of the estimated 1/L that --calibrate-step tries
+
+
+def calibrate_step(arch, out, family_name, family):
+    """With ``lr=None`` a PA-family optimizer steps at ``auto_lr_scale / L_k``; measure the
+    weights on their card's held instances at each multiplier in ``AUTO_LR_SCALES`` and
+    record the best on the card (fewest iterations to 1e-6, then to 1e-4; a tie goes to
+    the smaller step), which the optimizer then reads. The weights stay as they are."""
+    spec = get_architecture(arch)
+    if family_name not in COMPOSITE or not (spec.lr_is_step and spec.applies_prox):
+        raise SystemExit("--calibrate-step measures the LASSO and logistic cards of architectures whose lr is the step")
+    net, _ = build_network(arch, str(out))
+    card_path = out.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    t0 = time.perf_counter()
+    names = {f"learned_lr_none_x{c}": c for c in AUTO_LR_SCALES}
+    figs = evaluate_composite(arch, net.state_dict(), net.config(), family_name, family, only=set(names),
+                              auto_lr_scales=AUTO_LR_SCALES)
+    runs = {c: figs[name] for name, c in names.items()}
+    for c, f in runs.items():
+        print(f"  auto_lr_scale {c}: {f['iterations_to_1e-04']} / {f['iterations_to_1e-06']} "
+              "iterations to 1e-4 / 1e-6", flush=True)
+
+    def key(c):
+        f = runs[c]
+        return (f["iterations_to_1e-06"] or math.inf, f["iterations_to_1e-04"] or math.inf, c)
+
+    best = min(AUTO_LR_SCALES, key=key)
+    figs = card["validation"]["figures"]
+    figs["learned_lr_none"] = runs[best]
+    base = figs.get("fista_restart", {}).get("iterations_to_1e-06")
+    if base and runs[best].get("iterations_to_1e-06"):
+        runs[best]["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / runs[best]["iterations_to_1e-06"], 3)
+    card["auto_lr_scale"] = best
+    card["validation"]["auto_lr_scale_calibration"] = {
+        str(c): {k: runs[c][k] for k in ("iterations_to_1e-04", "iterations_to_1e-06")} for c in AUTO_LR_SCALES}
+    card["validation"].setdefault("added", []).append({
+        "runs": ["learned_lr_none", "auto_lr_scale_calibration"], "seconds": round(time.perf_counter() - t0, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "command": f"python pretrained/train.py --family {family_name} --arch {arch} --calibrate-step"})
+    card_path.write_text(json.dumps(card, indent=1, sort_keys=False) + "\n")
+    print(json.dumps({"file": str(card_path), "auto_lr_scale": best}), flush=True)
 
 
 def _meta_loss_text(settings, family_name):
@@ -459,6 +523,9 @@ def main(argv=None):
     ap.add_argument("--add-figures", nargs="+", metavar="RUN",
                     help="measure these runs (fista_restart, learned_bf16_state, ...) on a shipped card's "
                          "instances and add them to its figures")
+    ap.add_argument("--calibrate-step", action="store_true",
+                    help="measure a shipped LASSO / logistic file with lr=None at several multipliers of the "
+                         "estimated 1/L and record the best on its card (the optimizer reads it)")
     ap.add_argument("--loss", choices=LOSSES, help="the meta-loss (default: the family's; see torch_l2o.meta_train)")
     ap.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                     help="override a training setting (horizon=300, lr=1e-3, ...); repeatable")

@@ -13,9 +13,10 @@ import pytest
 import torch
 
 import torch_l2o
+import torch_l2o.meta as meta
 from torch_l2o.meta import evaluate, rollout
 from torch_l2o.problems import Lasso, LassoProblem, MatrixCompletion, ProblemFamily, reference_solve
-from torch_l2o.registry import available_architectures
+from torch_l2o.registry import available_architectures, get_architecture
 from torch_l2o.weights import build_network
 
 TINY = dict(batch=4, horizon=6, unroll=3, val_every=2, val_batch=6, progress=False)
@@ -142,8 +143,6 @@ def test_log_mean_gap_is_the_log_of_the_benchmark_metric():
 def test_step_scale_trains_at_drawn_steps_and_validates_at_one_over_L(monkeypatch):
     """step_scale=(lo, hi): each training batch unrolls at c / L with c drawn per instance
     in [lo, hi]; validation (and the default) at 0.9999 / L."""
-    import torch_l2o.meta as meta
-
     seen = []
     real = meta.rollout
 
@@ -193,6 +192,11 @@ def test_bad_arguments():
             torch_l2o.meta_train("pa", FAM, step_scale=bad, **TINY)
     with pytest.raises(ValueError, match="L2O-DM's lr scales its output instead: leave step_scale=None"):
         torch_l2o.meta_train("l2odm", FAM, step_scale=(0.5, 1.0), **TINY)
+    for bad in (-0.1, 1.5, "half", True):
+        with pytest.raises(ValueError, match=r"auto_step is the share of batches .* a number in \[0, 1\]"):
+            torch_l2o.meta_train("pa", FAM, auto_step=bad, **TINY)
+    with pytest.raises(ValueError, match="L2O-DM's lr scales its output instead: leave auto_step=0"):
+        torch_l2o.meta_train("l2odm", FAM, auto_step=0.5, **TINY)
     with pytest.raises(FileNotFoundError, match="no such checkpoint"):
         torch_l2o.meta_train("pa", FAM, resume="/no/such/checkpoint.pt", **TINY)
 
@@ -212,6 +216,57 @@ def test_rollout_is_the_optimizer():
         opt.step()
     assert torch.allclose(opt.solution(x), carry["xs"][0], rtol=1e-5, atol=1e-6)
     assert torch.allclose(prob.objective(opt.solution(x)), F[-1], rtol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["pamr", "pagru"])
+def test_rollout_auto_is_the_optimizer_with_lr_none(arch):
+    """lr="auto": the unroll takes the steps step() takes with lr=None (probe, secant
+    estimate, auto_lr_scale), also across a truncation (the estimator's state is carried)."""
+    net, _ = build_network(arch, "untrained")
+    prob = FAM.sample(3, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        F1, carry = rollout(arch, net, prob, None, 3, lr="auto")
+        F2, carry = rollout(arch, net, prob, meta._detach(carry), 4, lr="auto")
+        F_fixed, _ = rollout(arch, net, prob, None, 7)
+    x = prob.x0().requires_grad_(True)
+    opt = get_architecture(arch).optimizer([x], prox="l1", lam=0.1, weights=net.state_dict(), instance_dims=1,
+                                           watchdog=False)
+    for _ in range(7):
+        opt.zero_grad()
+        prob.smooth(x).sum().backward()
+        opt.step()
+    assert torch.allclose(opt.solution(x), carry["xs"][0], rtol=1e-5, atol=1e-6)
+    assert torch.allclose(prob.objective(opt.solution(x)), F2[-1], rtol=1e-5)
+    # the estimate differs from 1/L, so the trajectory does: the test can fail
+    assert not torch.allclose(F_fixed[-1], F2[-1], rtol=1e-3)
+    assert torch.allclose(carry["auto"][0]["lipschitz"].reshape(-1), opt.state[x]["lipschitz"].reshape(-1))
+
+
+def test_auto_step_trains_some_batches_with_the_estimated_step(monkeypatch):
+    """auto_step=q: a share q of the batches (drawn per batch) unroll with lr="auto";
+    validation scores both steps; runs repeat exactly and differ from plain training."""
+    seen = []
+    real = meta.rollout
+
+    def spy(arch, net, problem, carry, steps, *, lr=None, **kw):
+        seen.append(lr if isinstance(lr, str) else None if lr is None else "given")
+        return real(arch, net, problem, carry, steps, lr=lr, **kw)
+
+    monkeypatch.setattr(meta, "rollout", spy)
+    w1, _ = torch_l2o.meta_train("pa", FAM, steps=6, seed=0, auto_step=0.5, **{**TINY, "val_every": 100})
+    segments = TINY["horizon"] // TINY["unroll"]
+    train = seen[2:-2]  # validation before the first step and after the last, at 1/L and automatic
+    assert seen[:2] == seen[-2:] == [None, "auto"] and len(train) == 6 * segments
+    per_batch = [set(train[i:i + segments]) for i in range(0, len(train), segments)]
+    assert all(len(s) == 1 for s in per_batch)  # one draw per batch, kept across its segments
+    assert {next(iter(s)) for s in per_batch} == {"auto", None}
+    seen.clear()
+    torch_l2o.meta_train("pa", FAM, steps=6, seed=0, **{**TINY, "val_every": 100})
+    assert "auto" not in seen
+    monkeypatch.setattr(meta, "rollout", real)
+    w2, _ = torch_l2o.meta_train("pa", FAM, steps=6, seed=0, auto_step=0.5, **{**TINY, "val_every": 100})
+    w0, _ = torch_l2o.meta_train("pa", FAM, steps=6, seed=0, **{**TINY, "val_every": 100})
+    assert _equal(w1, w2) and not _equal(w1, w0)
 
 
 def _free_port():

@@ -160,7 +160,7 @@ def test_small_defects_stay_fixed(capsys):
     with pytest.raises(SystemExit):
         train.main(["--family", "mc", "--arch", "pa"])
     assert "pa is not trained on mc; its families: lasso, logistic" in capsys.readouterr().err
-    with pytest.raises(SystemExit, match="horizn: not a training setting; known: batch, clip, horizon"):
+    with pytest.raises(SystemExit, match="horizn: not a training setting; known: auto_step, batch, clip, horizon"):
         train.main(["--family", "lasso", "--arch", "pa", "--set", "horizn=300", "--out", "/nonexistent"])
     with pytest.raises(SystemExit):
         train.main(["--set", "horizon"])

@@ -31,6 +31,32 @@ def test_round_trip_with_card(tmp_path):
     assert opt.weights_info["card"]["family"] == "test"
 
 
+def test_card_sets_the_multiplier_of_the_automatic_step(tmp_path):
+    """A card's auto_lr_scale (train.py --calibrate-step) is what lr=None steps with:
+    the same iterates as setting it by hand, other iterates than the default 0.5."""
+    net, _ = build_network("pagru", "untrained")
+    path = save_weights(tmp_path / "pagru-test.safetensors", net, "pagru", card={"family": "test", "auto_lr_scale": 0.8})
+    prob = torch_l2o.problems.Lasso(m=8, n=12, sparsity=2, lam=0.1).sample(3, generator=torch.Generator().manual_seed(0))
+
+    def run(weights, scale=None):
+        x = prob.x0().requires_grad_(True)
+        opt = torch_l2o.PAGRU([x], prox="l1", lam=0.1, weights=weights, instance_dims=1, watchdog=False)
+        if scale is not None:
+            opt.auto_lr_scale = scale
+        for _ in range(6):
+            opt.zero_grad()
+            prob.smooth(x).sum().backward()
+            opt.step()
+        return opt, opt.solution(x)
+
+    opt, x_card = run(str(path))
+    assert opt.auto_lr_scale == 0.8
+    plain, x_default = run(net.state_dict())
+    assert plain.auto_lr_scale == 0.5  # no card: the architecture's default
+    _, x_hand = run(net.state_dict(), 0.8)
+    assert torch.equal(x_card, x_hand) and not torch.allclose(x_card, x_default)
+
+
 def test_state_dict_weights(tmp_path):
     sd = PANet().state_dict()
     opt = torch_l2o.PA([torch.zeros(3, requires_grad=True)], lr=0.1, weights=sd)

@@ -32,6 +32,7 @@ from torch import Tensor
 
 from .problems import Problem, ProblemFamily, mean_relative_error, optimal_values
 from .problems.base import relative_gap
+from .optim import stepsize
 from .prox import get_prox
 from .registry import Architecture, available_architectures, get_architecture
 from .weights import build_network
@@ -91,14 +92,19 @@ def rollout(arch: str, net, problem, carry: dict | None, steps: int, *, lr: Tens
     Algorithm 2); a single-block problem with ``inner_steps=1`` takes one step per round.
     Returns ``F`` after every round, shape ``(steps, B)``, and the carry (iterates,
     recurrent states, rounds) to continue from. ``lr``: the base step for architectures
-    whose ``lr`` is a step (default ``problem.step_size()``), else the output scale (1)."""
+    whose ``lr`` is a step (default ``problem.step_size()``), else the output scale (1);
+    ``"auto"``: the step ``lr=None`` gives ``step()`` (the secant estimate of ``1/L``, a
+    probe first, times the optimizer's ``auto_lr_scale``), by the same function."""
     spec = get_architecture(arch)
     if carry is None:
         ys = problem.starts()
         carry = {"xs": list(ys), "ys": list(ys), "k": 0,
                  "states": [net.block(b).init_state(y.numel(), y.device) for b, y in enumerate(ys)]}
     xs, ys, states, k = list(carry["xs"]), list(carry["ys"]), list(carry["states"]), carry["k"]
-    if lr is None:
+    auto = isinstance(lr, str) and lr == "auto"
+    if auto:  # the estimator's state, one dict per block as step() keeps one per parameter
+        estimates = [dict(d) for d in carry.get("auto", [{} for _ in ys])]
+    elif lr is None:
         lr = problem.step_size() if spec.lr_is_step else 1.0
     proxes = [(name, get_prox(name).resolve(params)) if spec.applies_prox else ("none", {})
               for name, params in problem.block_prox()]
@@ -107,20 +113,30 @@ def rollout(arch: str, net, problem, carry: dict | None, steps: int, *, lr: Tens
         for b in range(len(ys)):
             for i in range(inner_steps):
                 g = _gradient(problem, ys, b, subgradient=not spec.applies_prox)
+                step_lr = lr
+                if auto:  # a step is data, as in step(): no gradient flows through the estimate
+                    step_lr = spec.optimizer.auto_lr_scale * stepsize.online_lipschitz(
+                        [estimates[b]], [ys[b].detach()], [g.detach()], 1)
                 xn, yn, states[b] = spec.update(
-                    net.block(b), states[b], [ys[b]], [g], [xs[b] if spec.extrapolates else ys[b]], lr=lr,
+                    net.block(b), states[b], [ys[b]], [g], [xs[b] if spec.extrapolates else ys[b]], lr=step_lr,
                     prox=proxes[b][0], params=proxes[b][1], step=k * inner_steps + i, instance_dims=1)
                 xs[b], ys[b] = xn[0], yn[0]
         k += 1
         values.append(problem.objective(*(xs if score == "x" else ys)))
-    return torch.stack(values), {"xs": xs, "ys": ys, "states": states, "k": k}
+    out = {"xs": xs, "ys": ys, "states": states, "k": k}
+    if auto:
+        out["auto"] = estimates
+    return torch.stack(values), out
 
 
 def _detach(carry: dict) -> dict:
     xs = [x.detach() for x in carry["xs"]]
     ys = [y.detach() if y is not x else d for x, y, d in zip(carry["xs"], carry["ys"], xs)]
-    return {"xs": xs, "ys": ys, "k": carry["k"], "states": [{n: t.detach() for n, t in st.items()}
-                                                            for st in carry["states"]]}
+    out = {"xs": xs, "ys": ys, "k": carry["k"], "states": [{n: t.detach() for n, t in st.items()}
+                                                           for st in carry["states"]]}
+    if "auto" in carry:  # the step estimator's state: detached already
+        out["auto"] = carry["auto"]
+    return out
 
 
 def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None, F0: Tensor | None = None) -> Tensor:
@@ -146,10 +162,12 @@ def _meta_loss(F: Tensor, kind: str, F_star: Tensor | None, F0: Tensor | None = 
 
 
 @torch.no_grad()
-def evaluate(arch: str, net, problem, F_star: Tensor | None, iters: int, inner_steps: int = 1) -> Tensor:
+def evaluate(arch: str, net, problem, F_star: Tensor | None, iters: int, inner_steps: int = 1,
+             lr: Tensor | str | None = None) -> Tensor:
     """Mean relative error after every round 1..iters, float64, shape ``(iters,)``; without
-    ``F*`` (non-convex multi-block problems) the mean objective after every round."""
-    F, _ = rollout(arch, net, problem, None, iters, inner_steps=inner_steps)
+    ``F*`` (non-convex multi-block problems) the mean objective after every round. ``lr``
+    as in :func:`rollout`."""
+    F, _ = rollout(arch, net, problem, None, iters, lr=lr, inner_steps=inner_steps)
     if F_star is None:
         return F.double().mean(-1)
     return torch.stack([mean_relative_error(f, F_star) for f in F])
@@ -188,7 +206,8 @@ def _seed(*parts: int) -> int:
 
 
 def _check_arguments(arch: Any, family: Any, loss: str, score: str, horizon: int, unroll: int, steps: int,
-                     batch: int, meta_optimizer: str, val_batches: int = 1, step_scale: Any = None) -> Architecture:
+                     batch: int, meta_optimizer: str, val_batches: int = 1, step_scale: Any = None,
+                     auto_step: Any = 0.0) -> Architecture:
     """Every argument error before anything runs, each naming the fix."""
     if not isinstance(arch, str) and (hasattr(arch, "sample") or isinstance(family, str)):
         raise TypeError("meta_train(arch, family): the architecture's name comes first, e.g. "
@@ -221,6 +240,12 @@ def _check_arguments(arch: Any, family: Any, loss: str, score: str, horizon: int
         if not spec.lr_is_step:
             raise ValueError(f"step_scale scales the base step 1/L; {spec.display_name}'s lr scales its output "
                              "instead: leave step_scale=None")
+    if isinstance(auto_step, bool) or not isinstance(auto_step, (int, float)) or not 0 <= auto_step <= 1:
+        raise ValueError(f"auto_step is the share of batches trained with the automatic step, a number in "
+                         f"[0, 1], e.g. 0.5; got {auto_step!r}")
+    if auto_step and not spec.lr_is_step:
+        raise ValueError(f"auto_step trains at the estimated base step 1/L; {spec.display_name}'s lr scales its "
+                         "output instead: leave auto_step=0")
     return spec
 
 
@@ -284,10 +309,11 @@ class Validation:
     """Held instances (``batches`` seeded batches, float64 ``F*`` where the family is
     convex) and the record of the best weights: calling it scores ``net`` (the mean of the
     batches' scores) and keeps it if best. Several batches cover a mixture family whose
-    batches differ in shape."""
+    batches differ in shape. ``steps``: the base steps to score at (``None``: ``0.9999 / L``;
+    ``"auto"``: as ``lr=None``), the score their mean."""
 
     def __init__(self, spec: Architecture, family: ProblemFamily, *, batch: int, iters: int, inner_steps: int,
-                 seed: int, device: str, batches: int = 1) -> None:
+                 seed: int, device: str, batches: int = 1, steps: tuple = (None,)) -> None:
         self.sets = []
         for i in range(batches):
             # the first batch is the one a single-batch validation has always drawn
@@ -295,12 +321,12 @@ class Validation:
             val = family.sample(batch, generator=gen, dtype=torch.float64)
             F_star = optimal_values(val).to(device) if isinstance(val, Problem) else None
             self.sets.append((val.to(device=device, dtype=torch.float32), F_star))
-        self.spec, self.iters, self.inner_steps = spec, iters, inner_steps
+        self.spec, self.iters, self.inner_steps, self.steps = spec, iters, inner_steps, steps
 
     def __call__(self, step: int, net, hist: MetaHistory, best: dict) -> None:
         net.eval()
-        score = sum(_val_score(evaluate(self.spec.name, net, prob, F_star, self.iters, self.inner_steps))
-                    for prob, F_star in self.sets) / len(self.sets)
+        score = sum(_val_score(evaluate(self.spec.name, net, prob, F_star, self.iters, self.inner_steps, lr=lr))
+                    for prob, F_star in self.sets for lr in self.steps) / (len(self.sets) * len(self.steps))
         net.train()
         hist.val_step.append(step)
         hist.val_score.append(score)
@@ -325,13 +351,13 @@ def all_reduce_gradients(params, ok: bool, device: str) -> bool:
 
 def meta_step(spec: Architecture, net, opt, problem, *, horizon: int, unroll: int, loss: str, score: str,
               clip: float | None, inner_steps: int, F_star: Tensor | None, distributed: bool, device: str,
-              hist: MetaHistory, lr: Tensor | None = None) -> tuple[list[float], list[float]]:
+              hist: MetaHistory, lr: Tensor | str | None = None) -> tuple[list[float], list[float]]:
     """One meta-training step on one batch: unroll ``horizon`` rounds in segments of
     ``unroll``, one optimizer step per segment on its meta-loss, everything detached
     between segments. A segment whose loss or gradient is not finite is skipped (and
     counted in ``hist.skipped``); non-finite iterates end the batch. Returns the applied
     segments' losses and gradient norms. ``lr``: the base step (default the problem's
-    ``0.9999 / L``)."""
+    ``0.9999 / L``; ``"auto"``: as ``step()`` with ``lr=None``, see :func:`rollout`)."""
     carry, losses, norms = None, [], []
     with torch.no_grad():
         F0 = problem.objective(*problem.starts()).detach()
@@ -382,6 +408,7 @@ def meta_train(
     meta_optimizer: str = "adam",
     fixed_batch: bool = False,
     step_scale: tuple[float, float] | None = None,
+    auto_step: float = 0.0,
     device: str = "cpu",
     progress: bool = True,
     callback: Callable[[int, MetaHistory], None] | None = None,
@@ -431,6 +458,12 @@ def meta_train(
             on the LASSO family is about ``0.7 / L``: a step a network trained at ``1 / L``
             alone never met). Validation stays at ``0.9999 / L``. Only for
             architectures whose ``lr`` is the base step.
+        auto_step: the share of training batches (drawn per batch) unrolled with the
+            step ``lr=None`` gives ``step()``: the secant estimate of ``1/L`` with its
+            first, probing step, times the optimizer's ``auto_lr_scale``, by the same
+            function. ``step_scale`` does not apply to those batches. The validation
+            score is then the mean of the scores at ``0.9999 / L`` and with the automatic
+            step. Only for architectures whose ``lr`` is the base step.
         **net_options: the network's constructor arguments.
 
     Time: a step costs about ``batch x horizon`` learned steps forward and backward; on
@@ -438,7 +471,8 @@ def meta_train(
     40-110 minutes per architecture.
     """
     spec = _check_arguments(arch, family, loss, score, horizon, unroll, steps, batch, meta_optimizer, val_batches,
-                            step_scale)
+                            step_scale, auto_step)
+    auto_step = float(auto_step)
     if step_scale is not None:
         step_scale = (float(step_scale[0]), float(step_scale[1]))
     lr = lr if lr is not None else (1e-2 if loss == "mean" else 3e-3)
@@ -469,12 +503,14 @@ def meta_train(
            "score": score, "clip": clip, "val_every": val_every, "val_batch": val_batch, "val_iters": val_iters,
            "val_batches": val_batches, "seed": seed, "inner_steps": inner_steps, "meta_optimizer": meta_optimizer,
            "fixed_batch": fixed_batch, **({"step_scale": list(step_scale)} if step_scale else {}),
+           **({"auto_step": auto_step} if auto_step else {}),
            "net_options": repr(sorted(net_options.items())),
            "init": init if isinstance(init, str) else "given weights"}
     if resume is not None and os.path.exists(resume):
         best, hist, start = load_checkpoint(resume, spec.name, net, opt, device, run=run)
     validate = Validation(spec, family, batch=val_batch, iters=val_iters or horizon, inner_steps=inner_steps,
-                          seed=seed, device=device, batches=val_batches)
+                          seed=seed, device=device, batches=val_batches,
+                          steps=(None, "auto") if auto_step else (None,))
 
     bar = None
     if progress and rank == 0:
@@ -495,6 +531,8 @@ def meta_train(
             lo, hi = math.log(step_scale[0]), math.log(step_scale[1])
             c = torch.exp(lo + (hi - lo) * torch.rand(L.shape, generator=gen, dtype=torch.float64))
             base_step = (c / L).to(device=device, dtype=torch.float32)
+        if auto_step and float(torch.rand((), generator=gen)) < auto_step:
+            base_step = "auto"  # as step() with lr=None; drawn last, so runs without it repeat
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(_seed(seed, 4, step, rank))  # dropout
             losses, norms = meta_step(spec, net, opt, prob, horizon=horizon, unroll=unroll, loss=loss, score=score,

@@ -49,8 +49,9 @@ class ProxOptimizer(Optimizer):
     """
 
     # lr=None: the step is auto_lr_scale / L_estimate. Learned optimizers that scale the step
-    # by p in (0, 2) halve it: the secant estimate runs below L (about 0.7 L on LASSO), and
-    # 2 / (0.7 L) is past the stability limit 2 / L.
+    # by p in (0, 2) halve it by default: the secant estimate runs below L (about 0.7 L on
+    # LASSO), and 2 / (0.7 L) is past the stability limit 2 / L; weights whose card records
+    # a calibrated multiplier use that.
     auto_lr_scale: float = 1.0
     # state that lives in the parameter's dtype; load_state_dict keeps every other
     # state tensor's saved dtype (torch would cast them all to the parameter's)

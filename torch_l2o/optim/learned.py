@@ -193,9 +193,14 @@ class ProxLearnedOptimizer(LearnedOptimizer):
     FISTA-restart's step elsewhere: never behind FISTA-restart's model, O(1/k^2) on convex
     problems (:mod:`torch_l2o.optim.safeguard`). Without it, ``watchdog=True`` (the default)
     catches an instance whose learned steps diverge and moves it to FISTA-restart steps
-    from its best point, with a warning (:mod:`torch_l2o.optim.watchdog`)."""
+    from its best point, with a warning (:mod:`torch_l2o.optim.watchdog`).
 
-    # lr=None: the network's p in (0, 2) scales the step, so half the estimated 1/L
+    With ``lr=None`` the base step is ``auto_lr_scale / L_k`` (``L_k`` the secant estimate,
+    :mod:`torch_l2o.optim.stepsize`): the multiplier calibrated for the weights on their
+    held instances where their card records one (``auto_lr_scale``), else 0.5."""
+
+    # lr=None: the network's p in (0, 2) scales the step, so half the estimated 1/L unless
+    # the weights' card says otherwise (pretrained/train.py --calibrate-step measures it)
     auto_lr_scale = 0.5
     _param_like_keys = ProxOptimizer._param_like_keys + ("wd_best",)
 
@@ -206,6 +211,9 @@ class ProxLearnedOptimizer(LearnedOptimizer):
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, safeguard=safeguard,
                                       watchdog=watchdog, instance_dims=instance_dims, nonfinite=nonfinite),
                          weights, state_dtype, **options)
+        calibrated = (self.weights_info.get("card") or {}).get("auto_lr_scale")
+        if calibrated is not None:
+            self.auto_lr_scale = float(calibrated)
 
     def _check_group(self, group) -> None:
         if group.get("safeguard") and not self.architecture.extrapolates:
