@@ -76,3 +76,26 @@ def test_ood_summary_counts_a_method_only_where_it_ran():
     assert med["L2O-PA-MR mix"] == 1.05 and worst["L2O-PA-MR mix"] == 1.2  # median of (0.9, 1.2)
     assert med["L2O-PA-MR"] == 1.5 and worst["L2O-PA-MR"] == "never"  # median of (0.5, 1.5, inf)
     assert never["L2O-PA-MR"] == 1 and never["L2O-PA-MR mix"] == 0
+
+
+def test_ood_auto_runs_every_method_with_the_estimated_step():
+    """The ood_auto suite: the same methods at lr=None (FISTA-restart first), no safeguarded
+    rows; the learned optimizers step at their weights' calibrated multiplier."""
+    import torch
+
+    from suites import ood
+    from torch_l2o.problems import Lasso
+
+    prob = Lasso(m=10, n=20, sparsity=3).sample(2, generator=torch.Generator().manual_seed(0))
+    plain, auto = ood.methods(prob, "lasso"), ood.methods(prob, "lasso", auto=True)
+    assert auto[0][0] == ood.BASELINE and [m for m in auto if m[2]] == []
+    assert {m[0] for m in auto} == {m[0] for m in plain if not m[0].endswith("safeguard")}
+    for label, make, _ in auto:
+        opt = make([torch.zeros(2, 20, requires_grad=True)])
+        assert opt.param_groups[0]["lr_auto"], label
+        if hasattr(opt, "weights_info"):
+            card = opt.weights_info.get("card") or {}
+            assert opt.auto_lr_scale == card.get("auto_lr_scale", 0.5), label
+    for label, make, _ in plain:
+        opt = make([torch.zeros(2, 20, requires_grad=True)])
+        assert not opt.param_groups[0]["lr_auto"], label

@@ -15,6 +15,7 @@ SUITES = {
     "mathl2o": mathl2o.run,
     "step": step.run,
     "ood": ood.run,
+    "ood_auto": ood.run_auto,
 }
 
 # The quick default (``python benchmarks/run.py``, under 10 minutes on a 2-core CPU); the

@@ -21,6 +21,12 @@ family (watchdog on, the default), the mixture-trained weights where they are sh
 iterations unless ``--iters`` says otherwise. The
 summary divides each method's iterations to 1e-6 by FISTA-restart's; "never" (the
 target not reached within the iteration budget) is a failure.
+
+The ``ood_auto`` suite runs the same sets with every method at ``lr=None``, what a user
+who does not know ``L`` gets: the secant estimate of ``1/L`` per instance, a learned
+optimizer at the multiplier its weights' card records (``train.py --calibrate-step``),
+FISTA-restart with ``lr=None`` as the baseline; no safeguarded rows (with a closure
+``lr=None`` means backtracking).
 """
 
 from __future__ import annotations
@@ -81,14 +87,16 @@ def sets(cfg):
     ]
 
 
-def methods(problem, weights: str):
+def methods(problem, weights: str, auto: bool = False):
     """``(label, factory, closure?)``: FISTA-restart first, FISTA, then each learned
-    optimizer unguarded (watchdog on) and safeguarded."""
+    optimizer unguarded (watchdog on) and safeguarded. ``auto``: every method with
+    ``lr=None`` (the estimated step; a learned optimizer at its card's multiplier), no
+    safeguarded rows (with a closure ``lr=None`` means backtracking, another method)."""
     lam = problem.prox_params["lam"]
-    s = problem.step_size().to(torch.float32)
+    s = None if auto else problem.step_size().to(torch.float32)
     out = [
-        (BASELINE, lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s, restart=True), False),
-        ("FISTA", lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s), False),
+        (BASELINE, lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s, restart=True, instance_dims=1), False),
+        ("FISTA", lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s, instance_dims=1), False),
     ]
     # the single-family weights, then the mixture-trained ones ("lasso-mix", "logistic-mix") where shipped
     learned = [(label, cls, weights) for label, _, cls in shipped(weights, LEARNED)]
@@ -96,6 +104,8 @@ def methods(problem, weights: str):
     for label, cls, w in learned:
         out.append((label, lambda ps, cls=cls, w=w: cls(ps, prox="l1", lam=lam, lr=s, weights=w, instance_dims=1),
                     False))
+    if auto:
+        return out
     for label, cls, w in learned:
         out.append((f"{label} safeguard", lambda ps, cls=cls, w=w: cls(ps, prox="l1", lam=lam, lr=s, weights=w,
                                                                        instance_dims=1, safeguard=True), True))
@@ -208,8 +218,18 @@ def summary(per_set: dict, iters: int) -> tuple[list[dict], list[str]]:
     return rows, notes
 
 
-def run(cfg) -> dict:
+def run_auto(cfg) -> dict:
+    """The same sets with every method at ``lr=None``: what a user who does not know ``L``
+    gets (FISTA-restart with the secant estimate is then the baseline)."""
+    return run(cfg, auto=True)
+
+
+def run(cfg, auto: bool = False) -> dict:
     tables, plots, notes, traces = {}, [], [], {}
+    tag = "ood_auto" if auto else "ood"
+    if auto:
+        notes.append("every method with lr=None: the secant estimate of 1/L per instance (a learned optimizer at "
+                     "the multiplier its weights' card records); FISTA-restart with lr=None is the baseline")
     # runs stop at 1e-6, so a long budget costs only the sets that need it; with the quick
     # default of 200 FISTA-restart itself never solves three sets, which then count for nothing
     iters = cfg.iters if getattr(cfg, "iters_given", True) else max(cfg.iters, BUDGET)
@@ -233,7 +253,7 @@ def run(cfg) -> dict:
                           "nnz x* (mean)": round(float((sol.x != 0).sum(-1).double().mean()), 1),
                           "KKT F*": float(sol.kkt.max()), "differs from training": what})
         rows, trs = [], []
-        for label, make, closure in tqdm(methods(prob, weights), desc=name, leave=False):
+        for label, make, closure in tqdm(methods(prob, weights, auto), desc=name, leave=False):
             row, tr = _run(label, prob, sol.F, make, closure, cfg, iters)
             rows.append(row)
             if tr is not None:
@@ -242,12 +262,12 @@ def run(cfg) -> dict:
         per_set[name] = rows
         described[-1].update({"build s": round(t1 - t0, 1), "F* s": round(t2 - t1, 1),
                               "methods s": round(time.perf_counter() - t2, 1)})
-        tables[f"ood_{name}"] = rows
-        plot = f"{cfg.out}/ood_{name}.png"
+        tables[f"{tag}_{name}"] = rows
+        plot = f"{cfg.out}/{tag}_{name}.png"
         if plot_traces(plot, f"{name}: {prob.batch} instance(s), float32, F* float64", trs):
             plots.append(plot)
         del prob, sol
     summ, snotes = summary(per_set, iters)
-    out_tables = {"ood_sets": described, "ood_summary": summ}
+    out_tables = {f"{tag}_sets": described, f"{tag}_summary": summ}
     out_tables.update(tables)
     return {"tables": out_tables, "plots": plots, "traces": traces, "notes": notes + snotes}
