@@ -94,7 +94,7 @@ def rollout(arch: str, net, problem, carry: dict | None, steps: int, *, lr: Tens
     recurrent states, rounds) to continue from. ``lr``: the base step for architectures
     whose ``lr`` is a step (default ``problem.step_size()``), else the output scale (1);
     ``"auto"``: the step ``lr=None`` gives ``step()`` (the secant estimate of ``1/L``, a
-    probe first, times the optimizer's ``auto_lr_scale``), by the same function."""
+    probe first, times the optimizer class's ``auto_lr_scale``), by the same function."""
     spec = get_architecture(arch)
     if carry is None:
         ys = problem.starts()
@@ -460,8 +460,10 @@ def meta_train(
             architectures whose ``lr`` is the base step.
         auto_step: the share of training batches (drawn per batch) unrolled with the
             step ``lr=None`` gives ``step()``: the secant estimate of ``1/L`` with its
-            first, probing step, times the optimizer's ``auto_lr_scale``, by the same
-            function. ``step_scale`` does not apply to those batches. The validation
+            first, probing step, times the optimizer class's ``auto_lr_scale`` (0.5 for
+            the PA family; a card's calibrated multiplier is measured after training,
+            ``pretrained/train.py --calibrate-step``), by the same function.
+            ``step_scale`` does not apply to those batches. The validation
             score is then the mean of the scores at ``0.9999 / L`` and with the automatic
             step. Only for architectures whose ``lr`` is the base step.
         **net_options: the network's constructor arguments.
