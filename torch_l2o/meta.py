@@ -454,9 +454,10 @@ def meta_train(
             set, as in Math-L2O's convergence analysis) instead of fresh ones.
         step_scale: ``(lo, hi)``: train with the base step ``c / L``, ``c`` drawn per instance
             and batch log-uniformly from ``[lo, hi]`` instead of ``0.9999 / L`` (augmentation:
-            with ``lr=None`` the PA family steps at half the estimate ``1 / L_k``, which
-            on the LASSO family is about ``0.7 / L``: a step a network trained at ``1 / L``
-            alone never met). Validation stays at ``0.9999 / L``. Only for
+            with ``lr=None`` and the default multiplier 0.5 the PA family steps at half the
+            estimate ``1 / L_k``, which on the LASSO family is about ``0.7 / L``: a step a
+            network trained at ``1 / L`` alone never met; ``auto_step`` trains at the
+            estimated step itself). Validation stays at ``0.9999 / L``. Only for
             architectures whose ``lr`` is the base step.
         auto_step: the share of training batches (drawn per batch) unrolled with the
             step ``lr=None`` gives ``step()``: the secant estimate of ``1/L`` with its
