@@ -201,6 +201,14 @@ def test_bad_arguments():
         torch_l2o.meta_train("pa", FAM, resume="/no/such/checkpoint.pt", **TINY)
 
 
+def _take_steps(opt, prob, x, n):
+    """``n`` steps of ``opt`` on ``prob``'s smooth part, as a user's loop takes them."""
+    for _ in range(n):
+        opt.zero_grad()
+        prob.smooth(x).sum().backward()
+        opt.step()
+
+
 def test_rollout_is_the_optimizer():
     """meta_train's unroll and the optimizer's steps are the same function (no second copy)."""
     net, _ = build_network("pamr", "untrained", window=3)
@@ -210,10 +218,7 @@ def test_rollout_is_the_optimizer():
     x = prob.x0().requires_grad_(True)
     opt = torch_l2o.PAMR([x], prox="l1", lam=0.1, lr=prob.step_size(), weights=net.state_dict(), window=3,
                          instance_dims=1)
-    for _ in range(7):
-        opt.zero_grad()
-        prob.smooth(x).sum().backward()
-        opt.step()
+    _take_steps(opt, prob, x, 7)
     assert torch.allclose(opt.solution(x), carry["xs"][0], rtol=1e-5, atol=1e-6)
     assert torch.allclose(prob.objective(opt.solution(x)), F[-1], rtol=1e-5)
 
@@ -231,10 +236,7 @@ def test_rollout_auto_is_the_optimizer_with_lr_none(arch):
     x = prob.x0().requires_grad_(True)
     opt = get_architecture(arch).optimizer([x], prox="l1", lam=0.1, weights=net.state_dict(), instance_dims=1,
                                            watchdog=False)
-    for _ in range(7):
-        opt.zero_grad()
-        prob.smooth(x).sum().backward()
-        opt.step()
+    _take_steps(opt, prob, x, 7)
     assert torch.allclose(opt.solution(x), carry["xs"][0], rtol=1e-5, atol=1e-6)
     assert torch.allclose(prob.objective(opt.solution(x)), F2[-1], rtol=1e-5)
     # the estimate differs from 1/L, so the trajectory does: the test can fail
