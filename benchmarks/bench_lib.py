@@ -23,6 +23,11 @@ from torch_l2o.registry import available_architectures, get_architecture
 from torch_l2o.weights import available_weights
 
 TARGETS = (1e-2, 1e-4, 1e-6)
+# untimed iterations of every method before its timed run, on a fresh copy of the same
+# problem: one-time costs (the C++ step's library load or compilation, Triton and
+# Inductor compilation, CUDA context and cuBLAS handles, lazy imports, first-touch
+# allocations) are then charged to no method, whichever runs first
+WARMUP_ITERS = 3
 
 
 @dataclass
@@ -81,14 +86,19 @@ def run_method(
     dtype: torch.dtype = torch.float32,
     device: str = "cpu",
     stop_below: float | None = None,
+    warmup: int = WARMUP_ITERS,
 ) -> Trace:
     """Run ``make_opt([x])`` for ``iters`` steps on every instance at once.
 
     ``composite_loss``: differentiate ``F = f + r`` (subgradient methods such as Adam)
     instead of the smooth part. ``closure``: pass a closure to ``step`` (backtracking).
     ``stop_below``: stop early once the mean relative error is at most this (default:
-    run all ``iters``).
+    run all ``iters``). ``warmup``: iterations of a separate optimizer from ``make_opt``
+    on the same problem first, untimed and discarded (0: none).
     """
+    if warmup > 0:
+        run_method(name, problem, F_star, make_opt, warmup, composite_loss=composite_loss, closure=closure,
+                   dtype=dtype, device=device, warmup=0)
     p = problem.to(device=device, dtype=dtype)
     p64 = problem.to(device=device, dtype=torch.float64)
     F_star = F_star.to(device)

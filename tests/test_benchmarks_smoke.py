@@ -99,3 +99,29 @@ def test_ood_auto_runs_every_method_with_the_estimated_step():
     for label, make, _ in plain:
         opt = make([torch.zeros(2, 20, requires_grad=True)])
         assert not opt.param_groups[0]["lr_auto"], label
+
+
+def test_run_method_warms_up_on_a_separate_optimizer():
+    """The warm-up is untimed and discarded: the timed trace equals a run without it,
+    and each run builds its own optimizer (the last one built is the timed one's)."""
+    import torch
+    import torch_l2o
+    from bench_lib import WARMUP_ITERS, run_method
+    from torch_l2o.problems import Lasso
+
+    prob = Lasso(m=20, n=40, sparsity=4, lam=0.1).sample(3, generator=torch.Generator().manual_seed(0),
+                                                         dtype=torch.float64)
+    F_star = prob.objective(torch.zeros(3, 40, dtype=torch.float64))  # any reference serves here
+    built = []
+
+    def make(ps):
+        built.append(torch_l2o.FISTA(ps, prox="l1", lam=0.1, lr=prob.step_size().float(), restart=True,
+                                     instance_dims=1))
+        return built[-1]
+
+    cold = run_method("FISTA-restart", prob, F_star, make, 7, warmup=0)
+    assert len(built) == 1
+    warm = run_method("FISTA-restart", prob, F_star, make, 7)
+    assert len(built) == 2 + 1 and WARMUP_ITERS > 0
+    assert warm.errors == cold.errors and len(warm.seconds) == 8
+    assert built[-1].state[next(iter(built[-1].state))]["step"] == 7  # the timed optimizer took 7 steps, no more

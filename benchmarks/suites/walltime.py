@@ -15,8 +15,8 @@ The torch methods solve the instances of a row as one batch, float32, with the s
 ``0.9999 / L``, and stop once the error is 1e-6 (at most 300 iterations, 1000 with
 ``--full``). Only their gradient and step are timed (``bench_lib.run_method``; CUDA
 synchronized before and after every iteration), not the float64 scoring. Each method
-first runs 3 untimed iterations on the same problem (same shapes, dtype and device),
-so one-time costs (CUDA context, cuBLAS handles, Triton/Inductor compilation, lazy
+first runs 3 untimed iterations on the same problem (same shapes, dtype and device;
+``run_method`` does so in every suite), so one-time costs (CUDA context, cuBLAS handles, Triton/Inductor compilation, lazy
 imports) are not charged to whichever method runs first. scikit-learn fits the
 instances one per call (as users call it) on every core at once (a thread per core; its
 coordinate descent releases the GIL), at each tolerance of a sweep, and reports the least
@@ -47,11 +47,10 @@ import torch_l2o
 from torch_l2o.problems import Lasso, mean_relative_error, reference_solve
 from torch_l2o.problems.families import LassoProblem
 
-from bench_lib import run_method, shipped, sync
+from bench_lib import WARMUP_ITERS, run_method, shipped, sync
 
 TOLS = (1e-4, 1e-6)
 SK_TOLS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-6, 1e-7, 1e-8, 1e-10)
-WARMUP_ITERS = 3
 HEADLINE = "FISTA-restart"
 
 
@@ -160,8 +159,6 @@ def run(cfg) -> dict:
         block = []
         for label, make in _torch_methods(s).items():
             try:
-                run_method(label, prob_dev, F_star, make, WARMUP_ITERS, device=device)  # warm-up, untimed
-                sync(device)
                 tr = run_method(label, prob_dev, F_star, make, cap, device=device, stop_below=min(TOLS))
             except RuntimeError as e:  # out of memory, a library limit: the row says so, the run goes on
                 msg = str(e).splitlines()[0][:120] if str(e) else ""
