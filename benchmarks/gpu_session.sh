@@ -2,7 +2,8 @@
 # One prepared GPU session (the device tool runs it from the repository root):
 #     bash benchmarks/gpu_session.sh            # results and logs under $OUT
 # Each part runs under its own timeout and writes as it goes, so a part that runs out
-# of time leaves the others' results. About 9 minutes in all on an H100 / H200.
+# of time leaves the others' results. About 9 minutes in all on an H100 / H200,
+# plus at most 2.5 for the papers' LASSO protocol at the end.
 set -u
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
@@ -22,4 +23,7 @@ part sweep 150 python benchmarks/kernel_sweep.py --sizes 1e7 --out "$OUT/sweep.j
 part step_suite 120 python benchmarks/run.py --suite step --device cuda --out "$OUT/step"
 part walltime_suite 150 python benchmarks/run.py --suite walltime --device cuda --out "$OUT/walltime"
 part all_tests 240 python -m pytest -q -n 8 -p no:cacheprovider
+# last, so that a call cut at its limit keeps the parts above: the papers' protocol (issue 16)
+part full_lasso 150 python benchmarks/run.py --suite lasso --full --device cuda --out "$OUT/full_lasso" \
+  --report "$OUT/full_lasso.md"
 echo "done $(date +%T)"
