@@ -279,3 +279,28 @@ def test_bfloat16_state(cls):
     assert all(torch.equal(opt2.state[x2][k], opt.state[x][k]) for k in rec)
     with pytest.raises(ValueError, match="state_dtype must be one of"):
         cls([x], state_dtype=torch.float64, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+def test_finite_check_agrees_with_isfinite(dtype):
+    """The step's non-finite check (a float64 sum below float64) says exactly what
+    isfinite().all() says: extreme finite values do not overflow it, and NaN, +Inf, -Inf
+    (also +Inf and -Inf together, which sum to NaN) are caught."""
+    from hypothesis import given
+    from hypothesis import strategies as st
+
+    from torch_l2o.optim.base import _all_finite
+
+    big = torch.finfo(dtype).max
+    specials = st.sampled_from([0.0, 1.0, -1.0, big, -big, math.nan, math.inf, -math.inf])
+
+    @given(st.lists(st.one_of(st.floats(-1e4, 1e4), specials), min_size=0, max_size=300))
+    def check(vals):
+        g = torch.tensor(vals, dtype=torch.float64).to(dtype)
+        assert bool(_all_finite(g)) == bool(torch.isfinite(g).all())
+
+    check()
+    assert bool(_all_finite(torch.full((10_000,), big, dtype=dtype)))  # n * max: finite in float64
+    g = torch.zeros(5, dtype=dtype)
+    g[1], g[3] = math.inf, -math.inf
+    assert not bool(_all_finite(g))
