@@ -2,7 +2,8 @@
 
 Every method starts at x0 = 0 and is scored at its prox output against a float64 F*.
 Baselines use the true Lipschitz constant (``lr = 0.9999 / L`` per instance); the
-automatic step (``lr=None``) is measured against it; Adam on the subgradient of F gets
+automatic step (``lr=None``) is measured beside it, for FISTA, FISTA-restart and the
+learned optimizers whose ``lr`` is the step (at their weights' calibrated multiplier); Adam on the subgradient of F gets
 its step tuned on a grid, on separate tuning instances, as a user would. The learned
 optimizers load the shipped weights for the family (``lasso`` or ``logistic``); L2O-DM
 and RNNProp, which apply no prox, get the subgradient of F as in their papers.
@@ -48,6 +49,8 @@ def methods(problem, cfg, weights: str, adam_lr: float | None, learned=None, bas
             ("FISTA", lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s), {}),
             ("FISTA-restart", lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, lr=s, restart=True), {}),
             ("FISTA lr=None", lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, instance_dims=k), {}),
+            ("FISTA-restart lr=None", lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=lam, restart=True,
+                                                                 instance_dims=k), {}),
         ]
         if adam_lr is not None:
             out.append((f"Adam (lr {adam_lr:g}, tuned)", lambda ps: torch.optim.Adam(ps, lr=adam_lr),
@@ -58,6 +61,11 @@ def methods(problem, cfg, weights: str, adam_lr: float | None, learned=None, bas
         else:
             out.append((label, lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, lr=s, weights=weights,
                                                        instance_dims=k), {}))
+    if baselines:  # what a user who does not know L gets: the estimated step, times the card's multiplier
+        for label, arch, cls in shipped(weights, learned):
+            if get_architecture(arch).applies_prox and get_architecture(arch).lr_is_step:
+                out.append((f"{label} lr=None", lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, weights=weights,
+                                                                        instance_dims=k), {}))
     for label, (arch, w, opts) in (extra or {}).items():
         if w in available_weights(arch):
             cls = get_architecture(arch).optimizer
