@@ -3,8 +3,9 @@
 Every method starts at x0 = 0 and is scored at its prox output against a float64 F*.
 Baselines use the true Lipschitz constant (``lr = 0.9999 / L`` per instance); the
 automatic step (``lr=None``) is measured beside it, for FISTA, FISTA-restart and the
-learned optimizers whose ``lr`` is the step (at their weights' calibrated multiplier); Adam on the subgradient of F gets
-its step tuned on a grid, on separate tuning instances, as a user would. The learned
+learned optimizers whose ``lr`` is the step (at their weights' calibrated multiplier);
+Adam on the subgradient of F gets its step tuned on a grid, on separate tuning
+instances, as a user would. The learned
 optimizers load the shipped weights for the family (``lasso`` or ``logistic``); L2O-DM
 and RNNProp, which apply no prox, get the subgradient of F as in their papers.
 """

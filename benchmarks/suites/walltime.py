@@ -16,8 +16,9 @@ The torch methods solve the instances of a row as one batch, float32, with the s
 ``--full``). Only their gradient and step are timed (``bench_lib.run_method``; CUDA
 synchronized before and after every iteration), not the float64 scoring. Each method
 first runs 3 untimed iterations on the same problem (same shapes, dtype and device;
-``run_method`` does so in every suite), so one-time costs (CUDA context, cuBLAS handles, Triton/Inductor compilation, lazy
-imports) are not charged to whichever method runs first. scikit-learn fits the
+``run_method`` does so in every suite), so one-time costs (CUDA context, cuBLAS
+handles, Triton/Inductor compilation, lazy imports) are not charged to whichever
+method runs first. scikit-learn fits the
 instances one per call (as users call it) on every core at once (a thread per core; its
 coordinate descent releases the GIL), at each tolerance of a sweep, and reports the least
 seconds that reach the target; skglm (numba, holds the GIL) fits them one after another.
