@@ -56,17 +56,18 @@ def methods(problem, cfg, weights: str, adam_lr: float | None, learned=None, bas
         if adam_lr is not None:
             out.append((f"Adam (lr {adam_lr:g}, tuned)", lambda ps: torch.optim.Adam(ps, lr=adam_lr),
                         {"composite_loss": True}))
+    auto = []  # what a user who does not know L gets: the estimated step, times the card's multiplier
     for label, arch, cls in shipped(weights, learned):  # learned: architectures (default: all trained on it)
-        if not get_architecture(arch).applies_prox:
+        spec = get_architecture(arch)
+        if not spec.applies_prox:
             out.append((label, lambda ps, cls=cls: cls(ps, weights=weights), {"composite_loss": True}))
-        else:
-            out.append((label, lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, lr=s, weights=weights,
-                                                       instance_dims=k), {}))
-    if baselines:  # what a user who does not know L gets: the estimated step, times the card's multiplier
-        for label, arch, cls in shipped(weights, learned):
-            if get_architecture(arch).applies_prox and get_architecture(arch).lr_is_step:
-                out.append((f"{label} lr=None", lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, weights=weights,
-                                                                        instance_dims=k), {}))
+            continue
+        out.append((label, lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, lr=s, weights=weights,
+                                                   instance_dims=k), {}))
+        if baselines and spec.lr_is_step:
+            auto.append((f"{label} lr=None", lambda ps, cls=cls: cls(ps, prox="l1", lam=lam, weights=weights,
+                                                                     instance_dims=k), {}))
+    out += auto  # after every 1/L row, as the tables read
     for label, (arch, w, opts) in (extra or {}).items():
         if w in available_weights(arch):
             cls = get_architecture(arch).optimizer

@@ -18,10 +18,10 @@ synchronized before and after every iteration), not the float64 scoring. Each me
 first runs 3 untimed iterations on the same problem (same shapes, dtype and device;
 ``run_method`` does so in every suite), so one-time costs (CUDA context, cuBLAS
 handles, Triton/Inductor compilation, lazy imports) are not charged to whichever
-method runs first. scikit-learn fits the
-instances one per call (as users call it) on every core at once (a thread per core; its
-coordinate descent releases the GIL), at each tolerance of a sweep, and reports the least
-seconds that reach the target; skglm (numba, holds the GIL) fits them one after another.
+method runs first. scikit-learn fits the instances one per call (as users call it) on
+every core at once (a thread per core; its coordinate descent releases the GIL), at each
+tolerance of a sweep, and reports the least seconds that reach the target; skglm (numba,
+holds the GIL) fits them one after another.
 
 ``F*`` comes from ``reference_solve`` in float64 on the run's device (with the Newton
 polish up to 64 instances; for more, restarted FISTA to a KKT residual of 1e-10, far
