@@ -10,7 +10,7 @@ from torch import nn
 import torch_l2o
 from torch_l2o.kernels.recurrent import cell_backends, register_cell_backend, rnn_step, rnn_step_reference
 from torch_l2o.meta import rollout
-from torch_l2o.nets import CoordinateNet
+from torch_l2o.nets import CoordinateNet, run_network
 from torch_l2o.optim.functional import pa_update
 from torch_l2o.problems import Lasso
 from torch_l2o.weights import build_network, save_weights
@@ -102,6 +102,50 @@ def test_every_architecture_is_wired():
         assert spec.optimizer.arch == name and issubclass(spec.optimizer, torch_l2o.LearnedOptimizer)
         net, info = build_network(name, None, **spec.network_options)
         assert isinstance(net, spec.network) and info["weights"].endswith(f"{name}-{spec.default_weights}.safetensors")
+
+
+@pytest.mark.parametrize("name", ["pa", "pagru", "pamr", "l2odm", "rnnprop", "gso", "mathgd"])
+def test_network_runs_in_slices_without_autograd(name):
+    """``run_network`` slices a coordinate-wise network's call (bounded memory at 1e7
+    coordinates): outputs and state equal one call's to float32 rounding (the slices'
+    matrix products block differently), shared entries (PA-MR's counter) included; under
+    autograd, or for PA-MR's attention across coordinates, it is one call."""
+    net, _ = build_network(name, "untrained")
+    net = net.block(0).eval()
+    n, gen = 50, torch.Generator().manual_seed(0)
+    feats = torch.randn(n, net.n_features, generator=gen)
+    state = {k: torch.randn(v.shape, generator=gen) if v.is_floating_point() else v + 3
+             for k, v in net.init_state(n).items()}
+    with torch.no_grad():
+        ref, ref_state = net(feats, state)
+        out, new = run_network(net, feats, state, chunk=7)
+    for a, b in zip(ref if isinstance(ref, tuple) else [ref],
+                    out if isinstance(out, tuple) else [out]):
+        assert a.shape == b.shape and torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert new.keys() == ref_state.keys()
+    for k in ref_state:
+        assert new[k].shape == ref_state[k].shape and torch.allclose(new[k], ref_state[k], rtol=1e-5, atol=1e-6), k
+
+    calls = []
+    hook = net.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        run_network(net, feats, state, chunk=7)
+    assert len(calls) == 8  # ceil(50 / 7)
+    calls.clear()
+    run_network(net, feats, state, chunk=7)  # nothing to differentiate: sliced as well
+    assert len(calls) == 8
+    calls.clear()
+    net.requires_grad_(True)
+    run_network(net, feats, state, chunk=7)  # the meta-training unroll: one graph over every coordinate
+    assert len(calls) == 1
+    hook.remove()
+    if name == "pamr":
+        across, _ = build_network("pamr", "untrained", attend="coordinates")
+        calls.clear()
+        across.register_forward_hook(lambda *a: calls.append(1))
+        with torch.no_grad():
+            run_network(across, feats, across.init_state(n), instances=2, chunk=7)
+        assert len(calls) == 1
 
 
 def test_cells_run_through_the_dispatcher():

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .kernels.recurrent import rnn_step
 
-__all__ = ["CoordinateNet", "DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAMRNet", "GSONet", "MathGDNet"]
+__all__ = ["CoordinateNet", "run_network", "DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAMRNet", "GSONet", "MathGDNet"]
 
 State = dict[str, Tensor]
 
@@ -54,6 +54,46 @@ class CoordinateNet(nn.Module):
     def block(self, b: int) -> "CoordinateNet":
         """The network that moves variable block ``b`` (one shared network: itself)."""
         return self
+
+
+#: Coordinates per network call in a step that records no gradient. The reference path's
+#: temporaries are per coordinate (PA-MR's window attention about 4 KB each): 1e7
+#: coordinates in one call need tens of GB; slices of 2^16 need about 250 MB.
+CHUNK = 1 << 16
+
+
+def run_network(net: CoordinateNet, feats: Tensor, state: State, instances: int = 1,
+                chunk: int | None = None):
+    """``net(feats, state, instances=instances)``, in slices of ``chunk`` coordinates
+    (default :data:`CHUNK`) when no gradient is recorded and ``net`` is coordinate-wise:
+    the same outputs and state, with the temporaries of one slice at a time. Under
+    autograd (the meta-training unroll) it is one call, as the graph needs all of it."""
+    chunk = CHUNK if chunk is None else chunk
+    n = feats.shape[0]
+    if n <= chunk or not net.coordinatewise or (torch.is_grad_enabled() and (
+            feats.requires_grad or any(t.requires_grad for t in state.values())
+            or any(p.requires_grad for p in net.parameters()))):
+        return net(feats, state, instances=instances)
+    dims = net.coordinate_dims()
+    outs, new = [], {}
+    for lo in range(0, n, chunk):
+        w = min(chunk, n - lo)
+        part = {k: t.narrow(dims[k], lo, w) if dims.get(k) is not None else t for k, t in state.items()}
+        out, nxt = net(feats.narrow(0, lo, w), part, instances=instances)
+        outs.append(out)
+        for k, t in nxt.items():
+            d = dims.get(k)
+            if d is None:  # shared by all coordinates (a counter): every slice computes the same
+                new[k] = t
+                continue
+            if k not in new:
+                shape = list(t.shape)
+                shape[d] = n
+                new[k] = t.new_empty(shape)
+            new[k].narrow(d, lo, w).copy_(t)
+    if isinstance(outs[0], tuple):
+        return tuple(torch.cat(o) for o in zip(*outs)), new
+    return torch.cat(outs), new
 
 
 def _rnn_state(rnn: nn.RNNBase, n: int, device) -> State:

@@ -29,6 +29,7 @@ from torch import Tensor
 
 from ..kernels import prox_grad_step
 from ..kernels.fused import fused_update
+from ..nets import run_network
 from .stepsize import instance_shape, instance_sum
 
 __all__ = ["ista_update", "fista_update", "fista_momentum", "pa_features", "pa_input_scale", "pa_update", "dm_update", "rnnprop_update", "mathgd_update"]
@@ -193,7 +194,7 @@ def pa_update(
                             step=step, instance_dims=instance_dims)) is not None:
         return out
     feats = pa_features(ys, gs, _lrs(lr, len(ys)), inputs=getattr(net, "inputs", "raw"), instance_dims=instance_dims)
-    (p, a), new_state = net(feats, state, instances=_instances(ys[0], instance_dims))
+    (p, a), new_state = run_network(net, feats, state, instances=_instances(ys[0], instance_dims))
     out = [prox_grad_step(y, g, x, lr=s, p=pi, a=ai, prox=prox, params=params, inplace=inplace)
            for y, g, x, s, pi, ai in zip(ys, gs, xs, _lrs(lr, len(ys)), _split(p, ys), _split(a, ys))]
     return [o[0] for o in out], [o[1] for o in out], new_state
@@ -210,7 +211,7 @@ def dm_update(
     if (out := fused_update("dm", net, state, ys, gs, xs, inplace=inplace, lr=lr, prox=prox, params=params,
                             step=step, instance_dims=instance_dims)) is not None:
         return out
-    out, new_state = net(net.features(_flat(gs).float(), _flat(ys).float()), state)
+    out, new_state = run_network(net, net.features(_flat(gs).float(), _flat(ys).float()), state)
     # x + lr * out is a gradient step along -out: the same fused step as every optimizer
     xs_new = [prox_grad_step(y, -o.to(y.dtype), x, lr=s, prox=prox, params=params, inplace=inplace)[0]
               for y, x, s, o in zip(ys, xs, _lrs(lr, len(ys)), _split(out, ys))]
@@ -237,7 +238,7 @@ def rnnprop_update(
     m_hat = m / (1 - b1 ** (step + 1))
     denom = torch.sqrt(v / (1 - b2 ** (step + 1))) + eps
     net_state = {k: t for k, t in state.items() if k not in ("m", "v")}
-    out, new_state = net(torch.stack([gf / denom, m_hat / denom], -1), net_state)
+    out, new_state = run_network(net, torch.stack([gf / denom, m_hat / denom], -1), net_state)
     xs_new = [prox_grad_step(y, (0.1 * o).to(y.dtype), x, lr=s, inplace=inplace)[0]
               for y, x, s, o in zip(ys, xs, _lrs(lr, len(ys)), _split(out, ys))]
     new_state.update(m=m.to(state["m"].dtype), v=v.to(state["v"].dtype))
@@ -253,7 +254,7 @@ def mathgd_update(
     :math:`x_{k+1} = \operatorname{prox}_{s P_k r}(x_k - s P_k \nabla f(x_k))`,
     :math:`P_k = \mathrm{net}([\nabla f(x_k), x_k]) \in (0, 2)` per coordinate, ``s = lr``.
     No recurrent state (``state`` is ``{}``), no extrapolation: ``xs`` are the ``ys``."""
-    p, _ = net(torch.stack([_flat(gs), _flat(ys)], -1).float(), {})
+    p, _ = run_network(net, torch.stack([_flat(gs), _flat(ys)], -1).float(), {})
     xs_new = [prox_grad_step(y, g, x, lr=s, p=pi, a=0.0, prox=prox, params=params, inplace=inplace)[0]
               for y, g, x, s, pi in zip(ys, gs, xs, _lrs(lr, len(ys)), _split(p, ys))]
     return xs_new, xs_new, state
