@@ -60,7 +60,7 @@ def compare(name, problem, methods):
 torch.manual_seed(0)
 family = Lasso(m=250, n=500, sparsity=50, lam=0.1)
 problem = family.sample(64, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-lr = (0.9999 / problem.lipschitz).float().unsqueeze(-1)             # (64, 1): 1/L per instance
+lr = problem.step_size().float()                                    # (64, 1): 0.9999 / L per instance
 compare("64 LASSO problems of the papers' family", problem, {
     "FISTA-restart": lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.1, lr=lr, restart=True),
     "L2O-PA-MR": lambda ps: torch_l2o.PAMR(ps, prox="l1", lam=0.1, lr=lr),
@@ -68,7 +68,7 @@ compare("64 LASSO problems of the papers' family", problem, {
 })
 
 other = correlated_lasso(32, seed=3)                                  # outside the training family
-lr = (0.9999 / other.lipschitz).float().unsqueeze(-1)
+lr = other.step_size().float()
 lam = other.prox_params["lam"]
 with warnings.catch_warnings():
     warnings.simplefilter("ignore", RuntimeWarning)                  # the watchdog's; counted above
