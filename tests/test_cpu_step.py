@@ -341,8 +341,15 @@ def test_out_of_place_rollouts_match_the_reference(arch, backend_calls):
         with use_fused(backend):
             errs.append(evaluate(arch, net, p64.to(dtype=torch.float32), F_star, 20))
     assert backend_calls == [True] * 20
-    # relative errors agree (to the float32 floor: below 1e-6 both are rounding)
-    assert torch.allclose(errs[0], errs[1], rtol=1e-3, atol=1e-6), (errs[0], errs[1])
+    # relative errors agree (to the float32 floor: below 1e-6 both are rounding). The first
+    # steps, where an aliased x_0 / y_0 would show, agree closely for every architecture.
+    # Later, L2O-DM and RNNProp step on the subgradient of |x|: where a coordinate crosses 0 a
+    # rounding difference (vector widths differ between CPUs: AVX2 vs AVX-512) flips its sign
+    # term, and the runs drift apart by up to ~1 % by step 20 (measured 0.6 % for L2O-DM on
+    # an AVX-512 CPU), so those get rtol 2e-2 there.
+    assert torch.allclose(errs[0][:6], errs[1][:6], rtol=1e-4, atol=1e-6), (errs[0], errs[1])
+    rtol = 1e-3 if torch_l2o.get_architecture(arch).applies_prox else 2e-2
+    assert torch.allclose(errs[0], errs[1], rtol=rtol, atol=1e-6), (errs[0], errs[1])
 
 
 def test_scaled_inputs_optimizer_run_matches_reference(backend_calls):
