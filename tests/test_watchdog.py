@@ -132,3 +132,58 @@ def test_learned_optimizers_need_the_strength_too():
     with pytest.raises(ValueError, match="prox 'l1' needs its strength"):
         torch_l2o.GSO([{"params": [x], "prox": "l1"}], blocks=1, weights="untrained")
     torch_l2o.PAMR([x], prox="nonneg", lr=0.1, weights="untrained")  # no strength to give
+
+
+# ----------------------------------------------------------------- L2O-DM and RNNProp
+# No prox-gradient map and no step size: the watchdog watches the gradient norm and only reports.
+
+
+def _feed(opt, x, scales, seed=0):
+    """Steps with gradients of per-instance norm ~ scales[k] (one row per step)."""
+    gen = torch.Generator().manual_seed(seed)
+    for row in scales:
+        x.grad = torch.randn(x.shape, generator=gen) * torch.tensor(row).reshape(-1, 1)
+        opt.step()
+
+
+@pytest.mark.parametrize("cls", [torch_l2o.L2ODM, torch_l2o.RNNProp])
+def test_a_gradient_jump_is_reported_once_and_changes_no_step(cls):
+    # instance 0 jumps 1000x above its running minimum at step 4, instance 2 only 10x,
+    # instance 1 jumps 1000x at step 6 (after the warning: marked, not warned again)
+    scales = [(1.0, 1.0, 1.0), (0.1, 0.1, 0.1), (1e-2, 1e-2, 1e-2), (1e-3, 1e-3, 1e-3),
+              (1.0, 1e-3, 1e-2), (1.0, 1e-3, 1e-2), (1.0, 1.0, 1e-2)]
+    runs = {}
+    for wd in (True, False):
+        x = torch.zeros(3, 40, requires_grad=True)
+        opt = cls([x], weights="untrained", instance_dims=1, watchdog=wd)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            _feed(opt, x, scales[:5])
+            mask_at_jump = opt.state[x]["watchdog"].clone() if wd else None
+            _feed(opt, x, scales[5:], seed=1)
+        ours = [w for w in caught if "jumped above 100x" in str(w.message)]
+        runs[wd] = x.detach().clone()
+        if wd:
+            assert len(ours) == 1 and "at step 4" in str(ours[0].message) and "1 instance(s)" in str(ours[0].message)
+            assert ours[0].filename == __file__  # points at the caller's opt.step()
+            assert mask_at_jump.tolist() == [True, False, False]
+            assert opt.state[x]["watchdog"].tolist() == [True, True, False]
+        else:
+            assert not ours and "watchdog" not in opt.state[x]
+    assert torch.equal(runs[True], runs[False])  # it reports; the learned step is the same
+
+
+def test_the_gradient_watch_ignores_noise_below_its_floor_and_survives_a_state_dict_round_trip():
+    x = torch.zeros(2, 30, requires_grad=True)
+    opt = torch_l2o.L2ODM([x], weights="untrained", instance_dims=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        # converged to 1e-6 of the start, then float noise 50x above that: under the floor (1e-4 G_0 x 100)
+        _feed(opt, x, [(1.0, 1.0), (1e-6, 1e-6), (5e-5, 5e-5), (1e-6, 1e-6)])
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = torch_l2o.L2ODM([x2], weights="untrained", instance_dims=1)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    for o, p in ((opt, x), (opt2, x2)):
+        with pytest.warns(RuntimeWarning, match="at step 4 the gradient norm of 2 instance"):
+            _feed(o, p, [(1.0, 1.0)], seed=3)  # 1e6x its minimum, from a restored record too
+    assert torch.equal(x, x2) and opt2.state[x2]["watchdog"].all()

@@ -1,10 +1,13 @@
 """Training neural networks (L2O-DM's and RNNProp's home ground): a 64-20-10 sigmoid MLP
 on scikit-learn's digits, each instance its own 128 examples and initialisation, against
-Adam and SGD with steps tuned on a grid; and out of distribution, a ReLU MLP of width 40."""
+Adam and SGD with steps tuned on a grid; and out of distribution, a ReLU MLP of width 40.
+``watchdog``: instances whose gradient norm jumped 100x above its running minimum (the
+learned optimizers' divergence report, :func:`torch_l2o.optim.watchdog.watch_gradient`)."""
 
 from __future__ import annotations
 
 import time
+import warnings
 
 import torch
 from tqdm import tqdm
@@ -29,7 +32,9 @@ def _loss_curve(problem, make, iters):
         opt.step()
         t += time.perf_counter() - t0
         losses.append(float(problem.smooth(x.detach()).mean()))
-    return losses, float(problem.accuracy(x.detach()).mean()), t
+    flagged = opt.state[x].get("watchdog")  # L2O-DM / RNNProp: instances whose gradient norm jumped
+    flagged = "-" if flagged is None else f"{int(flagged.sum())}/{flagged.numel()}"
+    return losses, float(problem.accuracy(x.detach()).mean()), t, flagged
 
 
 def _suite(name, family, cfg, iters):
@@ -45,13 +50,15 @@ def _suite(name, family, cfg, iters):
     methods = {f"Adam (lr {a:g}, tuned)": lambda ps: torch.optim.Adam(ps, lr=a),
                f"SGD (lr {s:g}, tuned)": lambda ps: torch.optim.SGD(ps, lr=s)}
     for label, _, cls in shipped("mlp"):
-        methods[label] = lambda ps, cls=cls: cls(ps, weights="mlp")
+        methods[label] = lambda ps, cls=cls: cls(ps, weights="mlp", instance_dims=1)  # one watch per MLP
     rows, curves = [], {}
     for label, make in tqdm(methods.items(), desc=name, leave=False):
-        losses, acc, sec = _loss_curve(prob, make, iters)
+        with warnings.catch_warnings():  # counted in the table instead
+            warnings.filterwarnings("ignore", "L2ODM|RNNProp", RuntimeWarning)
+            losses, acc, sec, flagged = _loss_curve(prob, make, iters)
         curves[label] = losses
         rows.append({"method": label, "loss@20": losses[20], "loss@100": losses[100], f"loss@{iters}": losses[-1],
-                     "train accuracy": acc, "seconds": round(sec, 2)})
+                     "min loss": min(losses), "train accuracy": acc, "seconds": round(sec, 2), "watchdog": flagged})
     plot = f"{cfg.out}/{name}.png"
     try:
         import matplotlib

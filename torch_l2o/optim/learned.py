@@ -152,6 +152,12 @@ class LearnedOptimizer(ProxOptimizer):
             commits.append((S, new, [p.numel() for p in P]))
         return xs_all, ys_all, commits
 
+    def _watch(self, group, ps, gs, states, lrs, prox_params) -> watchdog.Plan | None:
+        """The watchdog's verdict on this step, before the learned update writes anything:
+        the fallback to apply after it, or ``None``."""
+        return watchdog.check(ps, gs, states, lrs, group["prox"], prox_params, group["instance_dims"],
+                              self.architecture.extrapolates, type(self).__name__, self.state[group["params"][0]])
+
     def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
         if group.get("safeguard"):
             commits = []
@@ -163,9 +169,7 @@ class LearnedOptimizer(ProxOptimizer):
             safeguarded_step(ps, gs, states, lrs, group["prox"], prox_params, group["instance_dims"],
                              ctx["closure"], ctx["loss"], propose)
         else:
-            k, ext = group["instance_dims"], self.architecture.extrapolates
-            plan = watchdog.check(ps, gs, states, lrs, group["prox"], prox_params, k, ext, type(self).__name__,
-                                  self.state[group["params"][0]]) if group.get("watchdog") else None
+            plan = self._watch(group, ps, gs, states, lrs, prox_params) if group.get("watchdog") else None
             if plan is not None and bool(plan.mask.all()):
                 # every instance has left the learned step for good: its output would be
                 # overwritten, so the network is not run (the step costs FISTA-restart's)
@@ -173,7 +177,7 @@ class LearnedOptimizer(ProxOptimizer):
             else:
                 _, _, commits = self._run(group, ps, gs, states, lrs, prox_params, inplace=True)
             if plan is not None:
-                watchdog.apply(plan, ps, states, k, ext)
+                watchdog.apply(plan, ps, states, group["instance_dims"], self.architecture.extrapolates)
         for S, new, sizes in commits:
             scatter_state(self._dims, new, S, sizes)
         for s in states:
@@ -225,14 +229,27 @@ class ProxLearnedOptimizer(LearnedOptimizer):
 class OutputLearnedOptimizer(LearnedOptimizer):
     """A learned optimizer whose ``lr`` scales the network's output (default 1): L2O-DM,
     RNNProp, GSO. Architectures that apply no prox refuse one: give them the
-    subgradient of ``F = f + r``."""
+    subgradient of ``F = f + r``.
+
+    There is no classical step to fall back to (no prox-gradient map, no step size), so
+    ``watchdog=True`` (the default; not GSO) only reports: an instance whose gradient norm
+    jumps 100x above its running minimum is marked in ``state[p]["watchdog"]`` with one
+    warning per param group, and the learned step goes on unchanged
+    (:func:`torch_l2o.optim.watchdog.watch_gradient`)."""
 
     def __init__(self, params: Iterable, lr: float = 1.0, *, prox: str = "none", lam: float | None = None,
-                 prox_params: dict | None = None, weights: Any = None, instance_dims: int | None = None,
-                 nonfinite: str = "raise", state_dtype: torch.dtype = torch.float32, **options: Any) -> None:
-        super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params,
+                 prox_params: dict | None = None, weights: Any = None, watchdog: bool = True,
+                 instance_dims: int | None = None, nonfinite: str = "raise", state_dtype: torch.dtype = torch.float32,
+                 **options: Any) -> None:
+        super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, watchdog=watchdog,
                                       instance_dims=instance_dims, nonfinite=nonfinite), weights, state_dtype,
                          **options)
+
+    def _watch(self, group, ps, gs, states, lrs, prox_params) -> None:
+        # no prox-gradient map and no step size: report a diverging instance, change nothing
+        horizon = ((self.weights_info.get("card") or {}).get("training") or {}).get("horizon")
+        watchdog.watch_gradient(gs, group["instance_dims"], type(self).__name__, horizon, states[0]["step"],
+                                self.state[group["params"][0]])
 
     def _check_group(self, group) -> None:
         name = type(self).__name__
