@@ -26,6 +26,9 @@ floors are ``10 eps`` and ``100 eps`` of the dtype (bf16: 0.08 and 0.8). The sta
 PA-MR on Gaussian ``A`` and ``b``, where half the instances oscillate at relative error
 ~10 with the residual between 0.1x and 1.5x its start, never jumping.
 
+L2O-DM and RNNProp have neither a prox-gradient map nor a step size to fall back with:
+for them :func:`watch_gradient` watches the gradient norm and only reports.
+
 Cost: one prox-gradient evaluation (an elementwise pass) and a per-instance norm per
 step, plus one copy of the parameters (``y*``); none once every instance of a group has
 fallen back (the optimizer then skips the network too). ``G`` is computed in the compute
