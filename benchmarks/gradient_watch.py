@@ -43,7 +43,7 @@ def trajectory(prob, make, iters, composite):
             G.append(x.grad.detach().flatten(1).double().norm(dim=1))
             L.append(loss.detach().double())
             opt.step()
-    return torch.stack(G), torch.stack(L)
+    return torch.stack(G), torch.stack(L), opt
 
 
 def study(G, L, horizon):
@@ -84,11 +84,9 @@ def main():
         if adam_lr:
             makes[f"Adam (lr {adam_lr:g})"] = lambda ps: torch.optim.Adam(ps, lr=adam_lr)
         for name, make in tqdm(makes.items(), desc=label[:20], leave=False):
-            horizon = 100  # Adam has none: the learned optimizers' split, for comparison
-            if name in ("L2O-DM", "RNNProp"):
-                card = make([torch.zeros(1, 1, requires_grad=True)]).weights_info.get("card") or {}
-                horizon = (card.get("training") or {}).get("horizon", horizon)
-            G, L = trajectory(prob, make, a.iters, composite)
+            G, L, opt = trajectory(prob, make, a.iters, composite)
+            card = (getattr(opt, "weights_info", None) or {}).get("card") or {}
+            horizon = (card.get("training") or {}).get("horizon", 100)  # Adam has none: the same split
             rows.append({"problem": label, "optimizer": name, "horizon": horizon, **study(G, L, horizon)})
     print(f"KAPPA_GRAD {KAPPA_GRAD:g}, FLOOR_GRAD {FLOOR_GRAD:g}; {a.instances} instances, {a.iters} iterations\n")
     print(format_table(rows))

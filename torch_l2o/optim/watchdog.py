@@ -87,6 +87,19 @@ def _per_instance(v: Tensor, p: Tensor, k: int) -> Tensor:
     return v.reshape(instance_shape(p, k))
 
 
+def _sq_norm(vs, k: int, shape: tuple[int, ...]) -> Tensor:
+    """Squared norm per instance (shape ``shape``) of the tensors ``vs`` taken together, in
+    float64, one tensor at a time (``vs`` may be a generator). Few ops on purpose: on a
+    small problem each costs ~4 us of dispatch, more than the learned step itself."""
+    G2 = None
+    for v in vs:
+        dims = tuple(range(k, v.dim()))
+        n2 = torch.linalg.vector_norm(v, dim=dims, dtype=torch.float64).reshape(shape).square() if dims else \
+            v.double().square().reshape(shape)
+        G2 = n2 if G2 is None else G2 + n2
+    return G2
+
+
 def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], lrs: Sequence,
           prox: str, prox_params: dict, k: int, extrapolates: bool, name: str, s0: dict) -> Plan | None:
     """Watch one param group's step (before the learned update writes anything); returns
@@ -99,16 +112,10 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
     if "watchdog" in s0 and bool(s0["watchdog"].all()):  # all fell back for good: nothing left to watch
         off = s0["watchdog"]
         return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, torch.zeros_like(off))
-    # G per instance in float64; the ops are few because on a small problem this check
-    # costs more than the learned step itself (each op ~4 us of dispatch)
+    # G per instance in float64
     shape = tuple(params[0].shape[:k])
-    G2 = None
-    for y, g, lr in zip(ys, grads, lrs):
-        d = prox_point_reference(y, g, lr, 1.0, prox, prox_params) - y
-        dims = tuple(range(k, y.dim()))
-        n2 = torch.linalg.vector_norm(d, dim=dims, dtype=torch.float64).reshape(shape).square() if dims else \
-            d.double().square().reshape(shape)
-        G2 = n2 if G2 is None else G2 + n2
+    G2 = _sq_norm(((prox_point_reference(y, g, lr, 1.0, prox, prox_params) - y) for y, g, lr in zip(ys, grads, lrs)),
+                  k, shape)
     step = lrs[0]  # read every step: lr=None estimates it, a scheduler may change it
     if isinstance(step, torch.Tensor):
         step = step.to(torch.float64)
@@ -192,16 +199,9 @@ def watch_gradient(grads: Sequence[Tensor], k: int, name: str, horizon: int | No
     instance. ``FLOOR_GRAD`` keeps a run already at ``1e-4 G_0`` from being flagged for
     noise at its floor. A stall (L2O-DM and RNNProp on LASSO stop near 1e-3 relative
     error) is not a jump and is not reported."""
-    shape = tuple(grads[0].shape[:k])
-    G2 = None
-    for g in grads:
-        dims = tuple(range(k, g.dim()))
-        n2 = torch.linalg.vector_norm(g, dim=dims, dtype=torch.float64).reshape(shape).square() if dims else \
-            g.double().square().reshape(shape)
-        G2 = n2 if G2 is None else G2 + n2
-    G = torch.nan_to_num(G2.sqrt_(), nan=torch.inf)
+    G = torch.nan_to_num(_sq_norm(grads, k, tuple(grads[0].shape[:k])).sqrt_(), nan=torch.inf)
     if "wd_min" not in s0:
-        s0.update(wd_G0=G.clone(), wd_min=G.clone(), watchdog=torch.zeros(shape, dtype=torch.bool, device=G.device))
+        s0.update(wd_G0=G.clone(), wd_min=G.clone(), watchdog=torch.zeros_like(G, dtype=torch.bool))
         return
     off = s0["watchdog"]
     jump = G > KAPPA_GRAD * torch.maximum(s0["wd_min"], FLOOR_GRAD * s0["wd_G0"])
