@@ -57,6 +57,40 @@ def test_card_sets_the_multiplier_of_the_automatic_step(tmp_path):
     assert torch.equal(x_card, x_hand) and not torch.allclose(x_card, x_default)
 
 
+@pytest.mark.parametrize("safeguard", [False, True])
+def test_backtracking_caps_the_multiplier_at_one(safeguard):
+    """With a closure (backtracking) ``1/L_k`` passed the descent lemma, so a calibrated
+    multiplier above 1 (the LASSO mixture cards: 1.2) steps as 1.0 and one below 1 as
+    itself; without a closure (the secant estimate) the multiplier is used as it is."""
+    net, _ = build_network("pagru", "untrained")
+    prob = torch_l2o.problems.Lasso(m=8, n=12, sparsity=2, lam=0.1).sample(3, generator=torch.Generator().manual_seed(0))
+
+    def run(scale, with_closure):
+        x = prob.x0().requires_grad_(True)
+        opt = torch_l2o.PAGRU([x], prox="l1", lam=0.1, weights=net.state_dict(), instance_dims=1,
+                              watchdog=False, safeguard=safeguard and with_closure)
+        opt.auto_lr_scale = scale
+
+        def closure():
+            opt.zero_grad()
+            f = prob.smooth(x)
+            f.sum().backward()
+            return f
+
+        for _ in range(6):
+            if with_closure:
+                opt.step(closure)
+            else:
+                closure()
+                opt.step()
+        return opt.solution(x)
+
+    assert torch.equal(run(1.2, True), run(1.0, True))
+    assert not torch.allclose(run(0.8, True), run(1.0, True))
+    if not safeguard:
+        assert not torch.allclose(run(1.2, False), run(1.0, False))
+
+
 def test_state_dict_weights(tmp_path):
     sd = PANet().state_dict()
     opt = torch_l2o.PA([torch.zeros(3, requires_grad=True)], lr=0.1, weights=sd)

@@ -275,7 +275,9 @@ class ProxOptimizer(Optimizer):
         gs = [g.clone() for g in gs]  # backtracking calls the closure, which may zero p.grad in place
         try:
             L = stepsize.backtracking_lipschitz(closure, ps, states, gs, loss, group["prox"], pp, k)
-            return self.auto_lr_scale / L, gs, L
+            # 1/L passed the descent lemma; a longer step would void what rests on it (the
+            # safeguard's guarantee), so a multiplier above 1 applies to the secant estimate only
+            return min(self.auto_lr_scale, 1.0) / L, gs, L
         finally:
             for p, g in zip(ps, gs):
                 p.grad = g  # the gradient at y, as the user's closure left it

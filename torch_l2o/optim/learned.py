@@ -201,7 +201,9 @@ class ProxLearnedOptimizer(LearnedOptimizer):
 
     With ``lr=None`` the base step is ``auto_lr_scale / L_k`` (``L_k`` the secant estimate,
     :mod:`torch_l2o.optim.stepsize`): the multiplier calibrated for the weights on their
-    held instances where their card records one (``auto_lr_scale``), else 0.5."""
+    held instances where their card records one (``auto_lr_scale``), else 0.5. With a
+    closure (backtracking) the multiplier is capped at 1: ``1/L_k`` is then a step that
+    passed the descent lemma, which the safeguard's guarantee needs."""
 
     # lr=None: the network's p in (0, 2) scales the step, so half the estimated 1/L unless
     # the weights' card says otherwise (pretrained/train.py --calibrate-step measures it)

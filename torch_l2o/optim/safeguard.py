@@ -38,8 +38,9 @@ themselves: ``F(x_k) - F^* \le 2\|x^F_r - x^*\|^2 / (s (k - r + 1)^2)`` with ``r
 shadow's last restart (``r = 0``, ``x^F_0 = x_0``, while none has fired), i.e. ``O(1/k^2)``.
 With a scalar closure the instances are accepted or refused together and the guarantee
 holds for the sum of their objectives. Nothing is claimed for nonconvex ``f``, or for
-``s > 1/L`` (with ``lr=None`` the step is the backtracking estimate ``1/L_k`` times the
-optimizer's ``auto_lr_scale``, so the shadow is FISTA-restart with that step).
+``s > 1/L``. With ``lr=None`` the step is the backtracking estimate ``1/L_k`` (which passed
+the descent lemma at the points tried) times the optimizer's ``auto_lr_scale`` capped at 1,
+so the shadow is FISTA-restart with that step.
 
 **Cost.** Three closure evaluations per step against one unguarded (two for the earlier
 ISTA-based rule): the step's own at ``y``, one at the shadow's gradient point ``y^F``
