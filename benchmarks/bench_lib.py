@@ -168,7 +168,10 @@ def save_json(path: str, payload: dict) -> None:
 
 
 def plot_traces(path: str, title: str, traces: list[Trace]) -> bool:
-    """Relative error against iterations and against seconds, log scale. False without matplotlib."""
+    """Relative error against iterations and against seconds, log scale. False without
+    matplotlib or without traces (a data set that is absent: no empty plot)."""
+    if not traces:
+        return False
     try:
         import matplotlib
 

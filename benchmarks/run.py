@@ -12,11 +12,13 @@ import argparse
 import os
 import sys
 import time
+import warnings
 from types import SimpleNamespace
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import torch  # noqa: E402
+from tqdm import tqdm  # noqa: E402
 
 from bench_lib import format_table, machine, save_json  # noqa: E402
 from suites import DEFAULT, SUITES  # noqa: E402
@@ -45,8 +47,14 @@ def parse(argv=None) -> SimpleNamespace:
     )
 
 
+def _warn_between_bars(message, category, filename, lineno, file=None, line=None):
+    """Warnings (the watchdog's) printed above the progress bars instead of through them."""
+    tqdm.write(warnings.formatwarning(message, category, filename, lineno, line).rstrip(), file=sys.stderr)
+
+
 def main(argv=None) -> dict:
     cfg = parse(argv)
+    warnings.showwarning = _warn_between_bars
     os.makedirs(cfg.out, exist_ok=True)
     results = {"machine": machine(), "command": " ".join(["python benchmarks/run.py"] + (argv or sys.argv[1:])),
                "config": {k: v for k, v in vars(cfg).items() if k != "previous"}, "suites": {}}

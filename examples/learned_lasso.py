@@ -8,12 +8,14 @@ weights and FISTA with adaptive restart run the same loop; each stops at mean re
 1e-6 (against a float64 reference solve) and prints its iterations and seconds. Then a
 problem unlike that family (correlated columns, Toeplitz 0.8): there the default weights'
 watchdog may move instances to FISTA-restart steps (it warns), and the weights trained on a
-broad mixture, ``weights="lasso-mix"``, are the better choice. About 10 s on two cores.
+broad mixture, ``weights="lasso-mix"``, are the better choice. 10-20 s on two cores.
 
-Read the seconds plainly: on a CPU at 250 x 500 a learned step costs more than the
-iterations it saves (the network does several times the gradient's work per coordinate),
-so FISTA-restart is faster here; the learned optimizers win in seconds where the gradient
-dominates (m >= 1000, or 1024 instances at once: ``benchmarks/RESULTS.md``).
+Read the seconds plainly: on a CPU at 250 x 500 a learned step costs about what the
+iterations it saves cost (the network does several times the gradient's work per
+coordinate), so in the family PA-MR and FISTA-restart are about level in seconds (either
+one ahead by up to 25 % between runs), and out of it FISTA-restart is faster; the learned
+optimizers win in seconds where the gradient dominates (m >= 1000, or 1024 instances at
+once: ``benchmarks/RESULTS.md``).
 """
 
 import time

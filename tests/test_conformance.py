@@ -62,13 +62,16 @@ def _run(opt, x, prob, composite, n):
         opt.step()
 
 
+@pytest.mark.parametrize("live", [False, True], ids=["saved", "live"])
 @pytest.mark.parametrize("name", NAMES)
-def test_state_dict_round_trip_bit_identical(prob, name):
+def test_state_dict_round_trip_bit_identical(prob, name, live):
+    """``live``: the state dict of an optimizer that goes on stepping, loaded without a copy
+    (the second optimizer must own its state: a shared ``x`` diverged)."""
     make, composite = OPTIMIZERS[name]
     x = prob.x0().requires_grad_(True)
     opt = make([x], prob.step_size(), instance_dims=1)
     _run(opt, x, prob, composite, 5)
-    saved = copy.deepcopy(opt.state_dict())
+    saved = opt.state_dict() if live else copy.deepcopy(opt.state_dict())
     x2 = x.detach().clone().requires_grad_(True)
     opt2 = make([x2], prob.step_size(), instance_dims=1)
     opt2.load_state_dict(saved)
@@ -382,3 +385,19 @@ def test_state_dict_loads_without_pickle(prob, name, tmp_path):
     _run(opt, x, prob, composite, 2)
     _run(opt2, x2, prob, composite, 2)
     assert torch.equal(x, x2)
+
+
+@pytest.mark.parametrize("arch", available_architectures())
+def test_help_documents_every_keyword(arch):
+    """help(torch_l2o.PAMR) showed the update rule but no arguments: every learned
+    optimizer's own docstring documents each keyword of its constructor."""
+    import inspect
+
+    cls = get_architecture(arch).optimizer
+    doc = cls.__doc__ or ""
+    assert "Args:" in doc, cls.__name__
+    args = doc[doc.index("Args:"):]
+    for name, q in inspect.signature(cls.__init__).parameters.items():
+        if name != "self":
+            key = f"**{name}" if q.kind is q.VAR_KEYWORD else name
+            assert f"\n        {key}" in args or f", {name}" in args, (cls.__name__, name)

@@ -304,3 +304,54 @@ def test_finite_check_agrees_with_isfinite(dtype):
     g = torch.zeros(5, dtype=dtype)
     g[1], g[3] = math.inf, -math.inf
     assert not bool(_all_finite(g))
+
+
+# ---------------------------------------------------------------- a second new user's review
+
+_ALL = [torch_l2o.FISTA, torch_l2o.ISTA, torch_l2o.PA, torch_l2o.PAGRU, torch_l2o.PAMR, torch_l2o.L2ODM,
+        torch_l2o.RNNProp]
+
+
+def _make(cls, ps, **kw):
+    if cls not in (torch_l2o.L2ODM, torch_l2o.RNNProp):
+        kw = dict(prox="l1", lam=0.1, **kw)
+    if cls not in (torch_l2o.FISTA, torch_l2o.ISTA):
+        kw["weights"] = "untrained"
+    return cls(ps, **kw)
+
+
+@pytest.mark.parametrize("cls", _ALL)
+def test_instance_dims_must_leave_coordinates(cls):
+    """A 1-D parameter with instance_dims=1 made every coordinate its own problem (its own
+    step and restarts) and ran on silently to a worse answer; now it is refused, naming the fix."""
+    with pytest.raises(ValueError, match="instance_dims=0"):
+        _make(cls, [torch.zeros(40, requires_grad=True)], instance_dims=1)
+    _make(cls, [torch.zeros(40, 1, requires_grad=True)], instance_dims=1)  # 40 scalar problems: fine
+
+
+@pytest.mark.parametrize("cls", _ALL)
+def test_step_on_meta_tensors(cls):
+    """As torch.optim does, a step on meta tensors (shape-only runs) works and keeps shapes
+    (it raised 'Cannot copy out of meta tensor' from the finiteness check and the watchdog)."""
+    x = torch.zeros(3, 20, device="meta", requires_grad=True)
+    opt = _make(cls, [x], instance_dims=1)
+    for _ in range(3):
+        x.grad = torch.ones(3, 20, device="meta")
+        opt.step()
+    assert x.device.type == "meta" and x.shape == (3, 20)
+
+
+def test_strength_of_the_wrong_shape_is_refused_at_construction():
+    x = torch.zeros(2, 40, requires_grad=True)
+    with pytest.raises(ValueError, match=r"'lam' of shape \(3, 1\).*shaped \(2, 1\)"):
+        torch_l2o.FISTA([x], prox="l1", lam=torch.full((3, 1), 0.1), lr=0.1, instance_dims=1)
+    for lam in (torch.full((2, 1), 0.1), torch.full((40,), 0.1), torch.tensor(0.1)):  # per instance / coordinate
+        torch_l2o.PAMR([x], prox="l1", lam=lam, instance_dims=1, weights="untrained")
+
+
+def test_misspelt_keyword_names_the_close_one():
+    x = torch.zeros(40, requires_grad=True)
+    with pytest.raises(TypeError, match=r"'lamda' \(did you mean 'lam'\?\); its keywords: lr, prox, lam"):
+        torch_l2o.PAMR([x], prox="l1", lamda=0.1, weights="untrained")
+    with pytest.raises(TypeError, match=r"did you mean 'hidden'"):
+        torch_l2o.PAGRU([x], prox="l1", lam=0.1, hiden=8, weights="untrained")

@@ -181,7 +181,7 @@ def test_bad_arguments():
         torch_l2o.meta_train("pa", FAM.sample(2))
     with pytest.raises(ValueError, match="batch must be an int >= 1"):
         torch_l2o.meta_train("pa", FAM, batch=0)
-    with pytest.raises(TypeError, match="L2O-PA-MR has no option 'windw'; its network options: hidden"):
+    with pytest.raises(TypeError, match=r"L2O-PA-MR has no option 'windw' \(did you mean 'window'\?\); its network options: hidden"):
         torch_l2o.meta_train("pamr", FAM, windw=3, **TINY)
     with pytest.raises(ValueError, match="loss must be one of"):
         torch_l2o.meta_train("pa", FAM, loss="mse")

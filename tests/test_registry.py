@@ -88,7 +88,7 @@ def test_registry_errors_name_the_fix(tiny):
         torch_l2o.register_architecture("tiny", network=TinyNet, update=pa_update)
     with pytest.raises(TypeError, match="CoordinateNet subclass"):
         torch_l2o.register_architecture("bad", network=nn.Linear, update=pa_update)
-    with pytest.raises(TypeError, match="Tiny-PA has no option 'hiden'; its network options: hidden"):
+    with pytest.raises(TypeError, match=r"Tiny-PA has no option 'hiden' \(did you mean 'hidden'\?\); its network options: hidden"):
         build_network("tiny", "untrained", hiden=3)
     with pytest.raises(FileNotFoundError, match="no pretrained weights 'lasso' for Tiny-PA"):
         build_network("tiny", "lasso")

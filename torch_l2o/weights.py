@@ -10,6 +10,7 @@ in the ``pretrained/`` folder at the top of the repository, installed as the pac
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import inspect
 import json
@@ -17,7 +18,7 @@ import os
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import torch
 from torch import Tensor
@@ -179,13 +180,17 @@ def _load_strict(net: CoordinateNet, tensors: Mapping[str, Tensor], arch: str, s
     net.load_state_dict(cast)
 
 
-def _check_options(spec, options: Mapping[str, Any]) -> None:
-    """Unknown network options are an error that lists the known ones."""
+def _check_options(spec, options: Mapping[str, Any], keywords: Sequence[str] = ()) -> None:
+    """Unknown network options are an error that lists the known ones (and ``keywords``,
+    an optimizer's own, with the closest name to a misspelt one)."""
     known = [n for n in inspect.signature(spec.network.__init__).parameters if n != "self"]
     unknown = sorted(set(options) - set(known))
     if unknown:
-        raise TypeError(f"{spec.display_name} has no option {', '.join(map(repr, unknown))}; "
-                        f"its network options: {', '.join(known) or 'none'}")
+        close = difflib.get_close_matches(unknown[0], [*keywords, *known], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        own = f"its keywords: {', '.join(keywords)}; " if keywords else ""
+        raise TypeError(f"{spec.display_name} has no option {', '.join(map(repr, unknown))}{hint}; "
+                        f"{own}its network options: {', '.join(known) or 'none'}")
 
 
 def build_network(arch: str, weights: Any = None, **options: Any) -> tuple[CoordinateNet, dict]:

@@ -21,6 +21,14 @@ from . import stepsize
 _NONFINITE = ("raise", "skip")
 
 
+def _fits(shape, target) -> bool:
+    """Whether ``shape`` broadcasts to ``target`` without enlarging it."""
+    try:
+        return torch.broadcast_shapes(shape, target) == target
+    except RuntimeError:
+        return False
+
+
 def _strip_trailing_ones(shape) -> tuple[int, ...]:
     shape = tuple(shape)
     while shape and shape[-1] == 1:
@@ -97,7 +105,7 @@ class ProxOptimizer(Optimizer):
                 )
         if group["nonfinite"] not in _NONFINITE:
             raise ValueError(f"nonfinite must be 'raise' or 'skip', got {group['nonfinite']!r}")
-        self.prox_params(group)  # unknown names and bad strengths fail here
+        pp = self.prox_params(group)  # unknown names and bad strengths fail here
         lr = group["lr"]
         if lr is None:  # a number, for LR schedulers to scale: the multiplier of the automatic step
             lr = group["lr"] = 1.0
@@ -121,8 +129,14 @@ class ProxOptimizer(Optimizer):
             raise ValueError(f"{name}: instance_dims must be an int >= 0, got {k!r}")
         lead = None
         for p in group["params"]:
-            if p.dim() < k:
-                raise ValueError(f"{name}: a parameter of shape {tuple(p.shape)} has fewer than instance_dims={k} dims")
+            if p.dim() <= k:
+                # every entry its own problem, with its own step and restarts: almost always a
+                # 1-D parameter meant as one problem, which would run on silently and worse
+                raise ValueError(
+                    f"{name}: a parameter of shape {tuple(p.shape)} with instance_dims={k} leaves no dims "
+                    f"for the coordinates of an instance; for one problem use instance_dims=0 (the default), "
+                    f"for a batch of scalar problems give the parameter a trailing dim of size 1"
+                )
             if lead is None:
                 lead = tuple(p.shape[:k])
             elif tuple(p.shape[:k]) != lead:
@@ -132,6 +146,13 @@ class ProxOptimizer(Optimizer):
                 )
             if isinstance(lr, Tensor):
                 self._lr_for(lr, p, k)
+            for key, v in pp.items():  # per-instance or per-coordinate strengths must fit every parameter
+                if isinstance(v, Tensor) and v.dim() and not _fits(v.shape, p.shape):
+                    raise ValueError(
+                        f"{name}: prox parameter {key!r} of shape {tuple(v.shape)} does not broadcast to the "
+                        f"parameter's shape {tuple(p.shape)}; give a number, one value per instance shaped "
+                        f"{tuple(p.shape[:k]) + (1,) * (p.dim() - k)}, or one per coordinate"
+                    )
 
     @staticmethod
     def _lr_for(lr: float | Tensor | None, p: Tensor, k: int):
@@ -240,7 +261,8 @@ class ProxOptimizer(Optimizer):
 
     def _skip_nonfinite(self, work) -> bool:
         """Check every gradient before anything is written; one device sync."""
-        flat = [(group, p, g) for group, ps, gs in work for p, g in zip(ps, gs)]
+        # meta tensors hold no values to check (shape-only runs, as torch.optim allows them)
+        flat = [(group, p, g) for group, ps, gs in work for p, g in zip(ps, gs) if g.device.type != "meta"]
         if not flat:
             return False
         finite = torch.stack([_all_finite(g) for _, _, g in flat]).cpu()
@@ -302,11 +324,16 @@ class ProxOptimizer(Optimizer):
         counters keep their saved dtype."""
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
-        keep = {}
+        keep, cast = {}, {}
         for sid, p in zip(saved_ids, params):
             st = state_dict["state"].get(sid, {})
             keep[p] = {k: v for k, v in st.items() if k not in self._param_like_keys and isinstance(v, Tensor)}
+            cast[p] = {k: v for k, v in st.items() if k in self._param_like_keys and isinstance(v, Tensor)}
         super().load_state_dict(state_dict)
         for p, vals in keep.items():
             for k, v in vals.items():
                 self.state[p][k] = v.detach().clone().to(p.device)
+        for p, vals in cast.items():  # a cast that changed nothing returns the saved tensor itself:
+            for k, v in vals.items():  # a live optimizer's state_dict would then share (and race on) it
+                if self.state[p][k].data_ptr() == v.data_ptr():
+                    self.state[p][k] = self.state[p][k].clone()

@@ -42,6 +42,10 @@ class GSO(OutputLearnedOptimizer):
         weights: a shipped name (``"mc"``, ``"gmm"``), a path, a state dict, ``"untrained"``.
         prox, lam, prox_params: per group, the block's non-smooth term (e.g. ``"simplex"``
             for mixture weights).
+        instance_dims: leading dims of each parameter that index independent instances.
+        nonfinite: ``"raise"`` (default) or ``"skip"`` for a NaN or Inf gradient; nothing is
+            written either way.
+        **options: the network's constructor arguments; they must match the weights'.
     """
 
     arch = "gso"

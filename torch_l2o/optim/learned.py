@@ -12,13 +12,14 @@ The network's recurrent state lives per parameter in ``self.state``, float32 (or
 from __future__ import annotations
 
 import copy
+import inspect
 from typing import Any, Iterable
 
 import torch
 from torch import Tensor
 
 from ..registry import Architecture, get_architecture
-from ..weights import build_network
+from ..weights import _check_options, build_network
 from . import watchdog
 from .base import ProxOptimizer
 from .safeguard import safeguarded_step
@@ -50,6 +51,50 @@ def scatter_state(dims: dict[str, int | None], new: dict[str, Tensor], states: l
             s[k] = part.clone(memory_format=torch.contiguous_format) if d is not None else part
 
 
+_COMMON_ARGS = """
+        instance_dims: how many leading dims of each parameter index independent problem
+            instances (a ``(B, n)`` parameter with ``instance_dims=1`` holds ``B`` problems;
+            default 0, or inferred from a tensor ``lr``).
+        nonfinite: ``"raise"`` (default) or ``"skip"`` for a NaN or Inf gradient; nothing is
+            written either way.
+        weights: a shipped name (``torch_l2o.weights.available_weights(arch)``; the PA family's
+            ``"lasso-mix"`` and ``"logistic-mix"`` for problems unlike the papers' families), a
+            path to a ``.safetensors`` file, a state dict, ``"untrained"``, or ``None`` for the
+            architecture's default weights.
+        state_dtype: storage of the recurrent state (``torch.float32``, ``bfloat16``, ``float16``).
+        **options: the network's constructor arguments; they must match the weights'.
+"""
+
+_PROX_ARGS = """
+    Args:
+        params: tensors or param groups to optimize; each holds ``y_k``, where the gradient
+            of the smooth loss is taken (:meth:`solution` returns the prox iterate ``x_k``).
+        lr: the base step ``s`` (``0.9999 / L`` for an ``L``-smooth ``f``; a number or one
+            value per instance), or ``None`` (default): the secant estimate of ``1/L`` times
+            the weights' calibrated ``auto_lr_scale`` (with ``step(closure)``: backtracking).
+        prox, lam, prox_params: the non-smooth term ``r`` by registered name and its
+            strengths (``prox="l1", lam=0.1``); a prox with a strength needs it.
+        safeguard: accept a learned step only where it is no worse than FISTA-restart's
+            model (needs ``step(closure)``; extrapolating architectures).
+        watchdog: move an instance whose learned steps diverge or stall to the classical
+            step from its best point, with one warning (default ``True``).""" + _COMMON_ARGS
+
+_OUTPUT_ARGS = """
+    Args:
+        params: tensors or param groups to optimize.
+        lr: multiplies the network's output (default 1).
+        prox, lam, prox_params: a non-smooth term, for architectures that apply a prox
+            (``"none"`` otherwise: give them the subgradient of ``F = f + r``).
+        watchdog: report (warn once, mark in ``state[p]["watchdog"]``) an instance whose
+            gradient norm jumps 100x above its running minimum (default ``True``).""" + _COMMON_ARGS
+
+
+def _with_args(cls, args: str) -> None:
+    """Append the shared argument docs to a concrete class that documents none of its own."""
+    if cls.__doc__ and "Args:" not in cls.__doc__:
+        cls.__doc__ = cls.__doc__.rstrip() + "\n" + args
+
+
 class LearnedOptimizer(ProxOptimizer):
     """Base of the learned optimizers: owns the network and its per-parameter state.
 
@@ -76,6 +121,9 @@ class LearnedOptimizer(ProxOptimizer):
             raise ValueError(f"state_dtype must be one of {', '.join(map(str, STATE_DTYPES))}, got {state_dtype!r}")
         self.state_dtype = state_dtype
         self.architecture: Architecture = get_architecture(self.arch)
+        own = [n for n, q in inspect.signature(type(self).__init__).parameters.items()
+               if n not in ("self", "params") and q.kind is not q.VAR_KEYWORD]
+        _check_options(self.architecture, options, keywords=own)  # a misspelt keyword lands in options
         self.net, self.weights_info = build_network(self.arch, weights, **options)
         self._dims = self.net.coordinate_dims()
         self._nets: dict[torch.device, torch.nn.Module] = {}
@@ -169,7 +217,9 @@ class LearnedOptimizer(ProxOptimizer):
             safeguarded_step(ps, gs, states, lrs, group["prox"], prox_params, group["instance_dims"],
                              ctx["closure"], ctx["loss"], propose)
         else:
-            plan = self._watch(group, ps, gs, states, lrs, prox_params) if group.get("watchdog") else None
+            # meta tensors (shape-only runs) hold no values for the watchdog to read
+            watch = group.get("watchdog") and ps[0].device.type != "meta"
+            plan = self._watch(group, ps, gs, states, lrs, prox_params) if watch else None
             if plan is not None and bool(plan.mask.all()):
                 # every instance has left the learned step for good: its output would be
                 # overwritten, so the network is not run (the step costs FISTA-restart's)
@@ -208,6 +258,10 @@ class ProxLearnedOptimizer(LearnedOptimizer):
     # lr=None: the network's p in (0, 2) scales the step, so half the estimated 1/L unless
     # the weights' card says otherwise (pretrained/train.py --calibrate-step measures it)
     auto_lr_scale = 0.5
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        _with_args(cls, _PROX_ARGS)
     _param_like_keys = ProxOptimizer._param_like_keys + ("wd_best",)
 
     def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float | None = None,
@@ -238,6 +292,10 @@ class OutputLearnedOptimizer(LearnedOptimizer):
     jumps 100x above its running minimum is marked in ``state[p]["watchdog"]`` with one
     warning per param group, and the learned step goes on unchanged
     (:func:`torch_l2o.optim.watchdog.watch_gradient`)."""
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        _with_args(cls, _OUTPUT_ARGS)
 
     def __init__(self, params: Iterable, lr: float = 1.0, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, weights: Any = None, watchdog: bool = True,
