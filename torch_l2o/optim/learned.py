@@ -258,11 +258,11 @@ class ProxLearnedOptimizer(LearnedOptimizer):
     # lr=None: the network's p in (0, 2) scales the step, so half the estimated 1/L unless
     # the weights' card says otherwise (pretrained/train.py --calibrate-step measures it)
     auto_lr_scale = 0.5
+    _param_like_keys = ProxOptimizer._param_like_keys + ("wd_best",)
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)
         _with_args(cls, _PROX_ARGS)
-    _param_like_keys = ProxOptimizer._param_like_keys + ("wd_best",)
 
     def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, weights: Any = None, safeguard: bool = False,
