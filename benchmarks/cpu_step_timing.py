@@ -1,19 +1,27 @@
 """Time the in-place learned step on the CPU: the PyTorch reference against the fused
 CPU backend (:mod:`torch_l2o.kernels.cpu_step`), with Adam for scale.
 
-``python benchmarks/cpu_step_timing.py [--sizes 1e4,1e5,1e6] [--archs pa,...] [--threads 1]``
+``python benchmarks/cpu_step_timing.py [--sizes 1e4,1e5,1e6] [--archs pa,...] [--threads 1] [--against REV]``
 
 Prints microseconds per element and step (the best of ``--reps`` steps; wall clock and
 this thread's CPU time, which is less disturbed by other jobs on the machine), the
 largest difference between the two paths after one step from the same state (relative
 to the largest magnitude), and each configuration's first-call compile latency: cold
 (``g++`` into an empty cache) and from the disk cache.
+
+``--against REV`` also times the loop as it was at git revision ``REV`` (its C++ source,
+built the same way), in the same process and alternated with this checkout's: a
+before/after ratio within one run, which timings from different sessions (another host,
+another clock) cannot give.
 """
 
 from __future__ import annotations
 
 import argparse
+import ast
+import contextlib
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -67,6 +75,34 @@ def _best(fn, reps: int) -> tuple[float, float]:
     return wall, cpu
 
 
+def _source_at(rev: str) -> str:
+    """The C++ source of the CPU step at git revision ``rev``."""
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    text = subprocess.run(["git", "show", f"{rev}:torch_l2o/kernels/cpu_step.py"], cwd=root, check=True,
+                          capture_output=True, text=True).stdout
+    for node in ast.parse(text).body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_SOURCE" for t in node.targets):
+            return ast.literal_eval(node.value)
+    raise SystemExit(f"no _SOURCE in torch_l2o/kernels/cpu_step.py at {rev}")
+
+
+_LOADED: dict[str, dict] = {}  # per source, its loaded libraries (switching reloads nothing)
+
+
+@contextlib.contextmanager
+def _source(src: str | None):
+    """Build and run the step from ``src`` (None: this checkout's) inside the block."""
+    if src is None:
+        yield
+        return
+    saved = cpu_step._SOURCE, cpu_step._LIBS
+    cpu_step._SOURCE, cpu_step._LIBS = src, _LOADED.setdefault(src, {})
+    try:
+        yield
+    finally:
+        cpu_step._SOURCE, cpu_step._LIBS = saved
+
+
 def _parity(arch: str, net, n: int) -> float:
     """Largest relative difference of y (and x) after one step from the same state."""
     out = []
@@ -86,7 +122,9 @@ def main(argv=None) -> None:
     ap.add_argument("--archs", default=",".join(ARCHS))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5, help="timed steps per path (3 at 1e6 and above)")
+    ap.add_argument("--against", metavar="REV", help="also time the loop of this git revision")
     a = ap.parse_args(argv)
+    old_src = _source_at(a.against) if a.against else None
     torch.set_num_threads(a.threads)
     sizes = [int(float(s)) for s in a.sizes.split(",")]
     archs = a.archs.split(",")
@@ -118,22 +156,33 @@ def main(argv=None) -> None:
             cpu_step._LIBS.clear()
 
     print("\nus per element and step, best of the timed steps: wall (cpu)")
-    print(f"{'arch':8s} {'n':>8s} {'reference':>18s} {'cpu backend':>18s} {'speedup':>8s} {'max rel diff':>13s}")
+    before = f"{'at ' + a.against:>18s} " if a.against else ""
+    print(f"{'arch':8s} {'n':>8s} {'reference':>18s} {before}{'cpu backend':>18s} {'speedup':>8s} {'max rel diff':>13s}"
+          + (f" {'vs ' + a.against:>12s}" if a.against else ""))
     print(f"{'':8s} {'':8s} {'':>18s} {'':>18s} {'(cpu)':>8s}")
     for n in sizes:
         reps = a.reps if n < 10**6 else min(a.reps, 3)
         for arch in archs:
             net, _ = build_network(arch, None)
-            res = []
-            for fused in (False, "cpu"):
+            paths = [(False, None)] + ([("cpu", old_src)] if old_src else []) + [("cpu", None)]
+            runs = []
+            for fused, src in paths:
                 run, _ = _step_fn(arch, net, n)
-                with use_fused(fused):
+                with _source(src), use_fused(fused):
                     run()  # the first call compiles or loads the library
-                    res.append(_best(run, reps))
-            (rw, rc), (fw, fc) = res
+                runs.append(run)
+            best = [(float("inf"), float("inf"))] * len(paths)
+            for _ in range(reps):  # alternated: a slow spell of the machine hits every path alike
+                for i, ((fused, src), run) in enumerate(zip(paths, runs)):
+                    with _source(src), use_fused(fused):
+                        w, c = _best(run, 1)
+                    best[i] = (min(best[i][0], w), min(best[i][1], c))
+            (rw, rc), (fw, fc) = best[0], best[-1]
             diff = _parity(arch, net, min(n, 10**5))
-            print(f"{arch:8s} {n:8d} {rw / n * 1e6:8.3f} ({rc / n * 1e6:6.3f}) {fw / n * 1e6:8.3f} ({fc / n * 1e6:6.3f})"
-                  f" {rc / fc:7.1f}x {diff:13.1e}")
+            mid = "".join(f"{w / n * 1e6:8.3f} ({c / n * 1e6:6.3f}) " for w, c in best[1:-1])
+            print(f"{arch:8s} {n:8d} {rw / n * 1e6:8.3f} ({rc / n * 1e6:6.3f}) {mid}{fw / n * 1e6:8.3f} "
+                  f"({fc / n * 1e6:6.3f}) {rc / fc:7.1f}x {diff:13.1e}"
+                  + (f" {best[1][1] / fc:11.2f}x" if old_src else ""))
         p = torch.zeros(n, requires_grad=True)
         p.grad = _problem(n)[1]
         adam = torch.optim.Adam([p], lr=1e-3)

@@ -13,6 +13,7 @@ machine) unless named, so the tests name it: ``use_fused("cpu")``.
 """
 
 import copy
+import platform
 
 import pytest
 import torch
@@ -146,6 +147,49 @@ def test_fifty_steps_of_a_lasso_run_match_reference(name):
         ys, xs, state = _step_both(kind, update, net, state, [y], [g], [x] if kind == "pa" else [y], [lr], prox,
                                    params, step=k)
         y, x = ys[0], xs[0]
+
+
+@pytest.mark.parametrize("name", ["pa", "pagru", "pamr", "pamr-scaled", "l2odm", "rnnprop"])
+def test_extreme_inputs_match_reference(name):
+    """Gradients and iterates from 1e-30 to 1e6 in one tensor (and exact zeros): gates
+    saturate, ``exp`` over- and underflows inside sigmoid and tanh, denormals appear. The
+    step stays finite and agrees with the reference (a NaN fails the comparison)."""
+    kind, update, make = NETS[name]
+    net = make()
+    prox = "l1" if kind != "rnnprop" else "none"
+    gen = torch.Generator().manual_seed(5)
+    shape = (3, 70)  # a partial last tile
+
+    def wild():
+        v = torch.randn(shape, generator=gen) * 10.0 ** torch.empty(shape).uniform_(-30, 6, generator=gen)
+        v[:, ::9] = 0.0
+        return v
+
+    lrs = [0.05]
+    state = _state(net, [shape], kind, update, lrs, prox, PROX[prox])
+    ys, gs, xs = [wild()], [wild()], [wild()]
+    ref_ys, _, _ = _step_both(kind, update, net, state, ys, gs, xs if kind == "pa" else ys, lrs, prox, PROX[prox],
+                              step=3)
+    assert torch.isfinite(ref_ys[0]).all()
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 vector widths")
+@pytest.mark.parametrize("march, lanes", [("x86-64-v3", 8), ("x86-64", 4)])
+@pytest.mark.parametrize("name", ["pa", "pagru", "pamr-scaled"])
+def test_narrower_vectors_match_reference(name, march, lanes, monkeypatch):
+    """The loop built for AVX2 (8 lanes a tile) and for SSE2 (4), as on machines without
+    AVX-512, and the transposes without it: the same step as the reference."""
+    monkeypatch.setattr(cpu_step, "MARCH", march)
+    monkeypatch.setattr(cpu_step, "_LIBS", {})
+    kind, update, make = NETS[name]
+    net = make()
+    shapes = [(3, 50), (3, 21)]  # tiles across instances, partial tiles
+    lrs = [torch.tensor([[0.05], [0.1], [0.02]]) for _ in shapes]
+    state = _state(net, shapes, kind, update, lrs, "l1", PROX["l1"])
+    ys, gs, xs = _problem(shapes, torch.float32, seed=2)
+    _step_both(kind, update, net, state, ys, gs, xs, lrs, "l1", PROX["l1"], step=3)
+    lib = next(iter(cpu_step._LIBS.values()))
+    assert lib is not None and lib.l2o_lanes() == lanes  # built for this width (and it served the step)
 
 
 @pytest.fixture

@@ -8,9 +8,11 @@ proxes with numeric strengths, ``lr`` a number or a broadcastable tensor. Anythi
 else declines to the PyTorch reference. Per coordinate the loop reads ``g``, ``y``,
 ``x`` and the network's state once, runs features, recurrent cells, PA-MR's attention,
 FFN blocks and LayerNorms, heads and the prox-gradient step, and writes ``x``, ``y``
-and the state once; 16 coordinates share a SIMD vector (AVX-512 where present), every
-intermediate stays in registers or L1. The reference instead streams ``(N, 4H)`` gate
-matrices through memory.
+and the state once. A tile of coordinates shares one SIMD register (16 with AVX-512, 8
+with AVX2, 4 otherwise), every intermediate stays in registers or L1, and a tile's state
+rows are read and written with plain vector loads and stores, transposed in registers
+(gathers and scatters had cost 15-40 % of a step). The reference instead streams
+``(N, 4H)`` gate matrices through memory.
 
 It computes the reference's mathematics, not its bits: the same formulas in float32
 (the step in the iterates' dtype) with Cephes-style ``exp``/``tanh`` (~1 ulp), fused
@@ -24,8 +26,9 @@ Why not ``torch.compile`` of the update functions, the first approach measured (
 thread, PA, us per element and step): eager 0.73-0.98, the whole update compiled
 0.76-1.0, compiled in cache-sized chunks 0.5-0.7 (the LSTM stays a oneDNN call, or
 becomes matmuls and gate loops with a Sleef ``tanh`` 5x slower than MKL's), after
-7-11 s of compilation per architecture. This loop: 0.11-0.28 us for the five
-architectures at 10^4-10^6 coordinates (Adam: 0.003), after 0.5-2.7 s of ``g++``,
+7-11 s of compilation per architecture. This loop: 0.12-0.34 us for the five
+architectures at 10^4-10^6 coordinates (Adam: 0.001-0.007; Zen 4, one thread,
+``python benchmarks/cpu_step_timing.py``), after 0.9-2.1 s of ``g++``,
 once per machine and configuration (kind, cell, layers, hidden size, window, heads:
 dtype, prox, ``lr`` and ``step`` are arguments, nothing recompiles). Libraries are
 cached under ``$TORCH_L2O_CACHE`` (default ``~/.cache/torch_l2o``); without a C++
@@ -74,6 +77,7 @@ MAX_HIDDEN = 128  # the tile keeps O(hidden) vectors on the stack
 KINDS = {"pa": 0, "dm": 1, "rnnprop": 2}
 DTYPES = {torch.float32: "f32", torch.float64: "f64"}
 _THREAD_CHUNK = 512  # coordinates per OpenMP thread, at least (~100 us of work against ~10 us to start a thread)
+MARCH = "native"  # -march: the widest vectors of this machine (the tests also build narrower ones)
 
 _SOURCE = r"""
 // torch_l2o fused learned step (CPU). Configuration macros: KIND (0 pa, 1 dm, 2 rnnprop),
@@ -85,7 +89,16 @@ _SOURCE = r"""
 #include <xmmintrin.h>
 #endif
 
-#define T 16  // coordinates per tile: one lane each
+// Coordinates per tile, one lane each: one vector register (vectors wider than the
+// machine's are split by the compiler and spill: on AVX2, 16 lanes ran 1.7x slower than
+// the PyTorch reference)
+#if defined(__AVX512F__)
+#define T 16
+#elif defined(__AVX__)
+#define T 8
+#else
+#define T 4
+#endif
 typedef float vf __attribute__((vector_size(4 * T)));
 typedef int32_t vi __attribute__((vector_size(4 * T)));
 
@@ -151,18 +164,51 @@ static inline void matvec(const float* __restrict W, const float* __restrict b, 
 // read as 0 and are not written.
 #if defined(__AVX512F__)
 #include <immintrin.h>
-static inline __m512i lane_offsets(int64_t stride) {
-  return _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                            _mm512_set1_epi32((int)stride));
+// A 16 x 16 block transposed in registers: four butterfly stages, each swapping the
+// off-diagonal d x d blocks of rows i and i + d (d = 8, 4, 2, 1) with two-source
+// permutes. Plain loads and stores plus this cost a fraction of gathers and scatters
+// (on Zen 4 they took 40 % of a PA-MR step, whose window is 7 x 16 floats a coordinate).
+#define L2O_IDX(f) _mm512_setr_epi32(f(0), f(1), f(2), f(3), f(4), f(5), f(6), f(7), f(8), f(9), f(10), f(11), \
+                                     f(12), f(13), f(14), f(15))
+template <int D> static inline void butterfly(vf* r) {
+#define LO(c) (((c) & D) ? 16 + (c) - D : (c))
+#define HI(c) (((c) & D) ? 16 + (c) : (c) + D)
+  const __m512i lo = L2O_IDX(LO), hi = L2O_IDX(HI);
+#undef LO
+#undef HI
+#pragma GCC unroll 16
+  for (int i = 0; i < T; i++) {
+    if (i & D) continue;
+    const __m512 a = (__m512)r[i], b = (__m512)r[i + D];
+    r[i] = (vf)_mm512_permutex2var_ps(a, lo, b);
+    r[i + D] = (vf)_mm512_permutex2var_ps(a, hi, b);
+  }
 }
-static inline __mmask16 lanes(int cnt) { return cnt >= T ? (__mmask16)0xffff : (__mmask16)((1u << cnt) - 1); }
+static inline void transpose16(vf* r) { butterfly<8>(r); butterfly<4>(r); butterfly<2>(r); butterfly<1>(r); }
+static inline __mmask16 first(int n) { return n >= T ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
 static inline void load_t(const float* src, int64_t stride, int width, int cnt, vf* dst) {
-  const __m512i idx = lane_offsets(stride);
-  for (int u = 0; u < width; u++) dst[u] = (vf)_mm512_mask_i32gather_ps(_mm512_setzero_ps(), lanes(cnt), idx, src + u, 4);
+  for (int c = 0; c < width; c += T) {
+    const __mmask16 cols = first(width - c);
+    vf r[T];
+#pragma GCC unroll 16
+    for (int t = 0; t < T; t++)
+      r[t] = (vf)_mm512_maskz_loadu_ps(t < cnt ? cols : (__mmask16)0, src + t * stride + c);
+    transpose16(r);
+#pragma GCC unroll 16
+    for (int u = 0; u < T; u++)
+      if (c + u < width) dst[c + u] = r[u];
+  }
 }
 static inline void store_t(float* dst, int64_t stride, int width, int cnt, const vf* src) {
-  const __m512i idx = lane_offsets(stride);
-  for (int u = 0; u < width; u++) _mm512_mask_i32scatter_ps(dst + u, lanes(cnt), idx, (__m512)src[u], 4);
+  for (int c = 0; c < width; c += T) {
+    const __mmask16 cols = first(width - c);
+    vf r[T];
+#pragma GCC unroll 16
+    for (int u = 0; u < T; u++) r[u] = c + u < width ? src[c + u] : splat(0.0f);
+    transpose16(r);
+#pragma GCC unroll 16
+    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(dst + t * stride + c, t < cnt ? cols : (__mmask16)0, (__m512)r[t]);
+  }
 }
 #else
 static inline void load_t(const float* src, int64_t stride, int width, int cnt, vf* dst) {
@@ -237,23 +283,61 @@ static inline const float* cell(const float* w, const vf* inp, vf* h, vf* c) {
   return w;
 }
 
-template <typename R>
-static inline R prox_apply(int64_t code, R z, R t, R s0, R s1) {  // torch_l2o.prox, codes of KERNEL_PROX
+// The tile's lanes in the iterates' dtype R: V holds T of them (vf, or vd for float64)
+typedef double vd __attribute__((vector_size(8 * T)));
+typedef int64_t vl __attribute__((vector_size(8 * T)));
+template <typename R> struct Lanes { typedef vf V; };
+template <> struct Lanes<double> { typedef vd V; };
+static inline vd vabs(vd a) { return (vd)((vl)a & 0x7fffffffffffffffLL); }
+template <typename V, typename R> static inline V vsplat(R a) { V v = {}; return v + a; }
+// p[0 .. cnt) into lanes (the rest 0) and back: one vector move for a whole tile
+template <typename V, typename R> static inline V load_lanes(const R* p, int cnt) {
+  typedef V U __attribute__((aligned(sizeof(R)), may_alias));  // unaligned, and aliasing R
+  V v = {};
+  if (cnt == T) v = *(const U*)p;
+  else for (int t = 0; t < cnt; t++) v[t] = p[t];
+  return v;
+}
+template <typename V, typename R> static inline void store_lanes(R* p, int cnt, V v) {
+  typedef V U __attribute__((aligned(sizeof(R)), may_alias));
+  if (cnt == T) *(U*)p = v;
+  else for (int t = 0; t < cnt; t++) p[t] = v[t];
+}
+// The state rows of a later tile into cache: the tile reads them with masked loads, strided
+// per coordinate; without this a step ran 7-15 % slower (PA, PA-GRU, PA-MR at 1e5 on Zen 4)
+static inline void prefetch(const float* p, int64_t floats) {
+  for (int64_t i = 0; i < floats; i += 16) __builtin_prefetch(p + i, 1, 3);
+}
+// p[(n0 + t) / div] per lane, a per-instance value: one division per tile (the index moves
+// on by one at each multiple of div), not one per lane
+template <typename V, typename R> static inline V per_lane(const R* p, int64_t div, int64_t n0, int cnt) {
+  V v = {};
+  int64_t i = n0 / div, next = (i + 1) * div;
+  for (int t = 0; t < cnt; t++) {
+    if (n0 + t == next) { i++; next += div; }
+    v[t] = p[i];
+  }
+  return v;
+}
+// torch_l2o.prox on the tile's lanes, codes of KERNEL_PROX (the switch outside, the lanes inside)
+template <typename R, typename V>
+static inline V prox_lanes(int64_t code, V z, V t, R s0, R s1) {
+  const V zero = vsplat<V>(R(0)), one = vsplat<V>(R(1));
   switch (code) {
     case 1: {  // l1: sign(z) max(|z| - t lam, 0)
-      R m = fabs(z) - t * s0;
-      m = m < 0 ? R(0) : m;
-      return (z > 0 ? R(1) : (z < 0 ? R(-1) : z)) * m;
+      V m = vabs(z) - t * s0;
+      m = m < zero ? zero : m;
+      return (z > zero ? one : (z < zero ? -one : z)) * m;
     }
-    case 2: return z < 0 ? R(0) : z;  // nonneg
-    case 3: { R u = z - t * s0; return u < 0 ? R(0) : u; }  // nonneg_l1
+    case 2: return z < zero ? zero : z;  // nonneg
+    case 3: { V u = z - t * s0; return u < zero ? zero : u; }  // nonneg_l1
     case 4: {  // elastic_net
-      R m = fabs(z) - t * s0;
-      m = m < 0 ? R(0) : m;
-      return ((z > 0 ? R(1) : (z < 0 ? R(-1) : z)) * m) / (R(1) + t * s1);
+      V m = vabs(z) - t * s0;
+      m = m < zero ? zero : m;
+      return ((z > zero ? one : (z < zero ? -one : z)) * m) / (one + t * s1);
     }
-    case 5: return z / (R(1) + t * s0);  // l2sq
-    case 6: { R u = z < s0 ? s0 : z; return u > s1 ? s1 : u; }  // box [lo, hi]
+    case 5: return z / (one + t * s0);  // l2sq
+    case 6: { V lo = vsplat<V>(s0), hi = vsplat<V>(s1), u = z < lo ? lo : z; return u > hi ? hi : u; }  // box
     default: return z;  // none
   }
 }
@@ -272,17 +356,27 @@ static void tile(const Args& a, int64_t n0, int cnt) {
 #else
 #define RESTORE_CSR()
 #endif
-  vf gv = splat(0.0f), yv = splat(0.0f);
-  for (int t = 0; t < cnt; t++) { gv[t] = (float)g[t]; yv[t] = (float)y[t]; }
+  typedef typename Lanes<R>::V V;
+  const V gR = load_lanes<V>(g, cnt), yR = load_lanes<V>(y, cnt);
+  const V lrv = a.lr ? per_lane<V>((const R*)a.lr, a.lr_div, n0, cnt) : vsplat<V>((R)a.lr_scalar);
+  vf gv = __builtin_convertvector(gR, vf), yv = __builtin_convertvector(yR, vf);
+  if (n0 + 2 * T < a.n) {  // the state of the tile after next
+    const int64_t ahead = n0 + 2 * T;
+    for (int l = 0; l < LAYERS; l++) {
+      prefetch(a.h + l * a.lstride + ahead * HID, T * HID);
+#if LSTM
+      prefetch(a.c + l * a.lstride + ahead * HID, T * HID);
+#endif
+    }
+#if MR && WIN > 1
+    prefetch(a.win + ahead * (WIN - 1) * HID, T * (WIN - 1) * HID);
+#endif
+  }
   const float* w = a.w;
   vf inp[IN0];
 #if SCALED  // the PA networks' scale-free [s g, y] / sigma, 1 / sigma per instance computed before
   {
-    vf lv = splat(0.0f), iv = splat(0.0f);
-    for (int t = 0; t < cnt; t++) {
-      lv[t] = a.lr ? (float)((const R*)a.lr)[(n0 + t) / a.lr_div] : (float)a.lr_scalar;
-      iv[t] = a.fs[(n0 + t) / a.fs_div];
-    }
+    vf lv = __builtin_convertvector(lrv, vf), iv = per_lane<vf>(a.fs, a.fs_div, n0, cnt);
     inp[0] = (gv * lv) * iv; inp[1] = yv * iv;
   }
 #elif KIND == 0 || GRADX  // [g, y]
@@ -300,11 +394,11 @@ static void tile(const Args& a, int64_t n0, int cnt) {
 #else  // RNNProp: bias-corrected moments (beta 0.95), then ELU(Linear(2, HID))
   {
     float* mp = a.m + n0; float* vp = a.v + n0;
-    vf mv = splat(0.0f), vv = splat(0.0f);
-    for (int t = 0; t < cnt; t++) { mv[t] = mp[t]; vv[t] = vp[t]; }
+    vf mv = load_lanes<vf>(mp, cnt), vv = load_lanes<vf>(vp, cnt);
     mv = 0.95f * mv + (float)(1 - 0.95) * gv;
     vv = 0.95f * vv + ((float)(1 - 0.95) * gv) * gv;
-    for (int t = 0; t < cnt; t++) { mp[t] = mv[t]; vp[t] = vv[t]; }
+    store_lanes(mp, cnt, mv);
+    store_lanes(vp, cnt, vv);
     vf den = vsqrt(vv / (float)a.aux1) + 1e-8f;
     vf f[2] = {gv / den, (mv / (float)a.aux0) / den};
     const float* Wi = w; w += HID * 2;
@@ -354,7 +448,7 @@ static void tile(const Args& a, int64_t n0, int cnt) {
     vf keys[WIN][HID];  // oldest first, the current output last
 #if WIN > 1
     float* wp = a.win + n0 * (WIN - 1) * HID;
-    for (int j = 0; j < WIN - 1; j++) load_t(wp + j * HID, (WIN - 1) * HID, HID, cnt, keys[j]);
+    load_t(wp, (WIN - 1) * HID, (WIN - 1) * HID, cnt, keys[0]);  // keys[0 .. WIN - 2], contiguous
 #endif
     for (int k = 0; k < HID; k++) keys[WIN - 1][k] = o[k];
     vf s[WIN][HEADS], mx[HEADS];
@@ -392,7 +486,7 @@ static void tile(const Args& a, int64_t n0, int cnt) {
       u[i] = acc;
     }
 #if WIN > 1  // the window drops its oldest output and appends the current one
-    for (int j = 0; j < WIN - 1; j++) store_t(wp + j * HID, (WIN - 1) * HID, HID, cnt, keys[j + 1]);
+    store_t(wp, (WIN - 1) * HID, (WIN - 1) * HID, cnt, keys[1]);
 #endif
     vf v[HID];
     matvec<HID, HID>(Wo, bo, u, v);
@@ -422,15 +516,12 @@ static void tile(const Args& a, int64_t n0, int cnt) {
   pp = 2.0f * vsigmoid(pp);
   aa = 2.0f * vsigmoid(aa);
   RESTORE_CSR();
-  const R s0 = (R)a.s0, s1 = (R)a.s1;
-  for (int t = 0; t < cnt; t++) {  // t = lr p; x+ = prox_t(y - t g); y+ = x+ + a (x+ - x)
-    R lr = a.lr ? ((const R*)a.lr)[(n0 + t) / a.lr_div] : (R)a.lr_scalar;
-    R tt = lr * (R)pp[t];
-    R xn = prox_apply<R>(a.prox, y[t] - tt * g[t], tt, s0, s1);
-    R yn = xn + (R)aa[t] * (xn - x[t]);
-    x[t] = xn;
-    y[t] = yn;
-  }
+  // t = lr p; x+ = prox_t(y - t g); y+ = x+ + a (x+ - x)
+  const V tt = lrv * __builtin_convertvector(pp, V);
+  const V xn = prox_lanes<R>(a.prox, yR - tt * gR, tt, (R)a.s0, (R)a.s1);
+  const V yn = xn + __builtin_convertvector(aa, V) * (xn - load_lanes<V>(x, cnt));
+  store_lanes(x, cnt, xn);
+  store_lanes(y, cnt, yn);
 #else
   const float* wo = w;
   vf out = splat(wo[HID]);
@@ -441,11 +532,7 @@ static void tile(const Args& a, int64_t n0, int cnt) {
   out = 0.1f * vtanh(out);
 #endif
   RESTORE_CSR();
-  const R s0 = (R)a.s0, s1 = (R)a.s1;
-  for (int t = 0; t < cnt; t++) {
-    R lr = a.lr ? ((const R*)a.lr)[(n0 + t) / a.lr_div] : (R)a.lr_scalar;
-    y[t] = prox_apply<R>(a.prox, y[t] - lr * (R)out[t], lr, s0, s1);
-  }
+  store_lanes(y, cnt, prox_lanes<R>(a.prox, yR - lrv * __builtin_convertvector(out, V), lrv, (R)a.s0, (R)a.s1));
 #endif
 }
 
@@ -462,6 +549,7 @@ static void run(const Args& a) {
 extern "C" void l2o_step_f32(const Args* a) { run<float>(*a); }
 extern "C" void l2o_step_f64(const Args* a) { run<double>(*a); }
 extern "C" int64_t l2o_args_size(void) { return (int64_t)sizeof(Args); }
+extern "C" int64_t l2o_lanes(void) { return T; }
 """
 
 
@@ -558,7 +646,7 @@ def _build(defines: dict[str, int]) -> Any:
         cache = _cache_dir()
         err = ""
         # -march=native: the machine's widest vectors; OpenMP for threads. Each is dropped if the compiler lacks it.
-        for extra in (["-march=native", "-fopenmp"], ["-march=native"], []):
+        for extra in ([f"-march={MARCH}", "-fopenmp"], [f"-march={MARCH}"], []):
             flags = base + extra + dflags
             digest = hashlib.sha256("\0".join([_SOURCE, cxx, version, _machine(), *flags]).encode()).hexdigest()[:24]
             path = os.path.join(cache, f"l2o_step_{digest}.so")
