@@ -262,3 +262,20 @@ def test_spectral_norm_gram_path_matches_svd(monkeypatch, shape, dtype):
     torch.testing.assert_close(gram.double(), svd, rtol=tol, atol=0)
     monkeypatch.setattr(families, "GRAM_ABOVE", 512)  # below it: the SVD itself, bit for bit
     assert torch.equal(families._spectral_norm(M), torch.linalg.matrix_norm(M.to(gram.dtype), ord=2))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_matvec_and_rmatvec_are_the_batched_products(dtype):
+    """``matvec`` / ``rmatvec`` (row-vector forms, fast on the CPU) compute ``M x`` and
+    ``M^T r`` per instance, and autograd through ``matvec`` gives ``M^T`` of the upstream
+    gradient: the einsum definitions up to summation order."""
+    gen = torch.Generator().manual_seed(0)
+    M = torch.randn(5, 7, 3, generator=gen, dtype=dtype)
+    x = torch.randn(5, 3, generator=gen, dtype=dtype, requires_grad=True)
+    r = torch.randn(5, 7, generator=gen, dtype=dtype)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-12}
+    y = problems.matvec(M, x)
+    torch.testing.assert_close(y, torch.einsum("bmn,bn->bm", M, x), **tol)
+    torch.testing.assert_close(problems.rmatvec(M, r), torch.einsum("bmn,bm->bn", M, r), **tol)
+    (g,) = torch.autograd.grad((y * r).sum(), x)
+    torch.testing.assert_close(g, torch.einsum("bmn,bm->bn", M, r), **tol)

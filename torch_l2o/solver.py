@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .optim import FISTA, ISTA, ProxOptimizer
 from .optim.learned import LearnedOptimizer
-from .problems.base import Problem
+from .problems.base import Problem, matvec, rmatvec
 from .problems.families import LassoProblem, LogisticProblem
 from .problems.solve import default_step, gradient_mapping
 from .registry import available_architectures, get_architecture
@@ -104,8 +104,8 @@ def _lasso_gap(problem: LassoProblem, x: Tensor) -> tuple[Tensor, Tensor]:
     :math:`|A_j^\top\theta| \le \lambda_j`; the dual point is the residual scaled into the
     box, :math:`\theta = s (b - Ax)`, :math:`s = \min(1, \min_j \lambda_j / |A_j^\top (b - Ax)|)`."""
     lam = _l1_weights(problem)
-    res = problem.b - torch.einsum("bmn,bn->bm", problem.A, x)
-    theta = _scale_to_box(torch.einsum("bmn,bm->bn", problem.A, res), lam).unsqueeze(-1) * res
+    res = problem.b - matvec(problem.A, x)
+    theta = _scale_to_box(rmatvec(problem.A, res), lam).unsqueeze(-1) * res
     F = 0.5 * res.square().sum(-1) + (lam * x.abs()).sum(-1)
     return F - ((problem.b * theta).sum(-1) - 0.5 * theta.square().sum(-1)), F
 
@@ -124,7 +124,7 @@ def _logistic_gap(problem: LogisticProblem, x: Tensor) -> tuple[Tensor, Tensor]:
     ``H`` is finite; at the minimiser nothing moves and the gap is 0."""
     lam = _l1_weights(problem)
     y = problem.y.to(x.dtype)
-    z = torch.einsum("bNn,bn->bN", problem.W, x)
+    z = matvec(problem.W, x)
     # sigma(z) - y without cancellation for the labels 0 and 1
     a = torch.where(y == 1, -torch.sigmoid(-z), torch.sigmoid(z) - y)
     penalized = (torch.as_tensor(lam, device=x.device) != 0).expand_as(x)
@@ -134,7 +134,7 @@ def _logistic_gap(problem: LogisticProblem, x: Tensor) -> tuple[Tensor, Tensor]:
         shrink_neg = torch.where(neg > pos, pos / neg, torch.ones_like(neg))
         a = torch.where(a > 0, a * shrink_pos, a * shrink_neg)
     N = problem.W.shape[1]
-    a = a * _scale_to_box(torch.einsum("bNn,bN->bn", problem.W, a) / N, lam, penalized).unsqueeze(-1)
+    a = a * _scale_to_box(rmatvec(problem.W, a) / N, lam, penalized).unsqueeze(-1)
     v, w = y + a, (1 - y) - a  # v and 1 - v, each without cancellation
     F = problem.smooth(x) + (lam * x.abs()).sum(-1)
     return F + (torch.xlogy(v, v) + torch.xlogy(w, w)).mean(-1), F

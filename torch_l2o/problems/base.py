@@ -22,7 +22,26 @@ from torch import Tensor
 
 from ..prox import prox_value
 
-__all__ = ["TensorFields", "ProblemBase", "Problem", "ProblemFamily", "mean_relative_error", "relative_gap"]
+__all__ = ["TensorFields", "ProblemBase", "Problem", "ProblemFamily", "mean_relative_error", "relative_gap", "matvec",
+           "rmatvec"]
+
+
+def matvec(M: Tensor, x: Tensor) -> Tensor:
+    """``M x`` per instance: ``M`` of shape ``(B, m, n)``, ``x`` of ``(B, n)``, result ``(B, m)``.
+
+    Computed as the row vector ``x^T M^T``, not as ``einsum("bmn,bn->bm")`` (a matrix times
+    a column): on a CPU torch's batched product of a matrix by a column ran 3-11x slower than
+    by a row (MKL on AMD Zen 4, one thread: 9.1 against 3.2 ms at 64 x 250 x 500, 18 against
+    4.0 ms at 8 x 1000 x 2000), and autograd's backward of this form is again a row product,
+    ``g^T M``. The same numbers up to summation order.
+    """
+    return torch.bmm(x.unsqueeze(1), M.mT).squeeze(1)
+
+
+def rmatvec(M: Tensor, r: Tensor) -> Tensor:
+    """``M^T r`` per instance: ``M`` of shape ``(B, m, n)``, ``r`` of ``(B, m)``, result ``(B, n)``
+    (the row vector ``r^T M``; see :func:`matvec`)."""
+    return torch.bmm(r.unsqueeze(1), M).squeeze(1)
 
 
 class TensorFields:

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import Problem, ProblemFamily
+from .base import Problem, ProblemFamily, matvec, rmatvec
 
 __all__ = ["Lasso", "LassoProblem", "LogisticL1", "LogisticProblem", "MLPFamily", "MLPProblem", "LeastSquares",
            "LeastSquaresProblem"]
@@ -54,12 +54,11 @@ class LassoProblem(Problem):
     x_true: Tensor | None = None
 
     def smooth(self, x: Tensor) -> Tensor:
-        r = torch.einsum("bmn,bn->bm", self.A, x) - self.b
+        r = matvec(self.A, x) - self.b
         return 0.5 * r.square().sum(-1)
 
     def grad(self, x: Tensor) -> Tensor:
-        r = torch.einsum("bmn,bn->bm", self.A, x) - self.b
-        return torch.einsum("bmn,bm->bn", self.A, r)
+        return rmatvec(self.A, matvec(self.A, x) - self.b)
 
     def hessian(self, x: Tensor, i: int, idx: Tensor) -> Tensor:
         """Instance ``i``'s Hessian ``A^T A`` restricted to the coordinates ``idx``."""
@@ -105,12 +104,11 @@ class LogisticProblem(Problem):
     x_true: Tensor | None = None
 
     def smooth(self, x: Tensor) -> Tensor:
-        z = torch.einsum("bNn,bn->bN", self.W, x)
+        z = matvec(self.W, x)
         return (F.softplus(z) - self.y * z).mean(-1)
 
     def grad(self, x: Tensor) -> Tensor:
-        z = torch.einsum("bNn,bn->bN", self.W, x)
-        return torch.einsum("bNn,bN->bn", self.W, torch.sigmoid(z) - self.y) / self.W.shape[1]
+        return rmatvec(self.W, torch.sigmoid(matvec(self.W, x)) - self.y) / self.W.shape[1]
 
     def hessian(self, x: Tensor, i: int, idx: Tensor) -> Tensor:
         """Instance ``i``'s Hessian ``W^T diag(s (1 - s)) W / N`` restricted to ``idx``."""
@@ -245,10 +243,10 @@ class LeastSquaresProblem(Problem):
     x_true: Tensor | None = None
 
     def smooth(self, x: Tensor) -> Tensor:
-        return 0.5 * (torch.einsum("bmn,bn->bm", self.W, x) - self.y).square().sum(-1)
+        return 0.5 * (matvec(self.W, x) - self.y).square().sum(-1)
 
     def grad(self, x: Tensor) -> Tensor:
-        return torch.einsum("bmn,bm->bn", self.W, torch.einsum("bmn,bn->bm", self.W, x) - self.y)
+        return rmatvec(self.W, matvec(self.W, x) - self.y)
 
     @property
     def lipschitz(self) -> Tensor:
