@@ -6,13 +6,14 @@ fixed Gaussian kernel and observed with noise; recover it from
 
     python examples/custom_family.py          # about 30 s on a 2-core CPU
 
-Measured (2 threads, torch 2.13 CPU, quiet machine): trained in 23 s; on 128 new
+Measured (2 threads, torch 2.13 CPU, quiet machine): trained in 20 s; on 128 new
 instances, iterations / milliseconds (steps and gradients) to mean relative error
-1e-2 / 1e-4 / 1e-6: FISTA 21 / 59 / 158 (46 / 128 / 342 ms), FISTA with adaptive restart,
-the baseline to beat, 21 / 65 / 95 (45 / 147 / 231 ms), the learned L2O-PA-GRU 14 / 41 / 76
-(45 / 129 / 272 ms). Fewer iterations at every accuracy; in seconds level at 1e-2, ahead
-at 1e-4, behind at 1e-6 (the watchdog moves 3 of 128 instances to FISTA-restart steps
-on the way, and warns).
+1e-2 / 1e-4 / 1e-6: FISTA 21 / 59 / 158 (13 / 39 / 96 ms), FISTA with adaptive restart,
+the baseline to beat, 21 / 65 / 95 (14 / 44 / 63 ms), the learned L2O-PA-GRU 14 / 41 / 76
+(28 / 75 / 149 ms). Fewer iterations at every accuracy, but about 2x the seconds: a
+gradient of this small blur costs far less than the network's step (the watchdog moves
+3 of 128 instances to FISTA-restart steps on the way, and warns). A learned optimizer pays
+in seconds where gradients are expensive.
 """
 
 import time
@@ -22,7 +23,7 @@ import torch
 from torch import Tensor
 
 import torch_l2o
-from torch_l2o.problems import Problem, ProblemFamily, mean_relative_error, reference_solve
+from torch_l2o.problems import Problem, ProblemFamily, matvec, mean_relative_error, reference_solve
 
 
 # ---- the family: twenty lines ---------------------------------------------------------
@@ -32,7 +33,7 @@ class Deconvolution(Problem):
     b: Tensor = None  # (B, m) observations
 
     def smooth(self, x):  # one value per instance
-        return 0.5 * (torch.einsum("bmn,bn->bm", self.A, x) - self.b).square().sum(-1)
+        return 0.5 * (matvec(self.A, x) - self.b).square().sum(-1)  # matvec: A x per instance, fast
 
     @property
     def lipschitz(self):

@@ -3,8 +3,9 @@
     python examples/learned_lasso.py
 
 64 problems of the papers' family (A 250 x 500 with unit-norm columns, 50-sparse codes,
-lam 0.1) are one (64, 500) parameter with one step per instance. L2O-PA-MR with its default
-weights and FISTA with adaptive restart run the same loop; each stops at mean relative error
+lam 0.1) are one (64, 500) parameter with one step per instance. L2O-PA-MR and L2O-PA-GRU
+with their default weights and FISTA with adaptive restart run the same loop; each stops at
+mean relative error
 1e-6 (against a float64 reference solve) and prints its iterations and seconds. Then a
 problem unlike that family (correlated columns, Toeplitz 0.8): there the default weights'
 watchdog may move instances to FISTA-restart steps (it warns), and the weights trained on a
@@ -12,10 +13,10 @@ broad mixture, ``weights="lasso-mix"``, are the better choice. 10-20 s on two co
 
 Read the seconds plainly: on a CPU at 250 x 500 a learned step costs about what the
 iterations it saves cost (the network does several times the gradient's work per
-coordinate), so in the family PA-MR and FISTA-restart are about level in seconds (either
-one ahead by up to 25 % between runs), and out of it FISTA-restart is faster; the learned
-optimizers win in seconds where the gradient dominates (m >= 1000, or 1024 instances at
-once: ``benchmarks/RESULTS.md``).
+coordinate). In the family PA-GRU is a little ahead of FISTA-restart in seconds (0.86-0.93x
+in two runs on a 2-core CPU) and PA-MR, whose step costs twice PA-GRU's, behind (1.3-1.4x);
+out of it FISTA-restart is faster (2-3x). The learned optimizers win clearly in seconds
+where the gradient dominates (4000 x 8000: ``benchmarks/RESULTS.md``).
 """
 
 import time
@@ -24,7 +25,7 @@ import warnings
 import torch
 
 import torch_l2o
-from torch_l2o.problems import Lasso, mean_relative_error, reference_solve
+from torch_l2o.problems import Lasso, matvec, mean_relative_error, reference_solve
 from torch_l2o.problems.ood import correlated_lasso
 
 
@@ -37,7 +38,7 @@ def solve(make, problem, F_star, max_iter=500, tol=1e-6):
     for k in range(1, max_iter + 1):
         t0 = time.perf_counter()
         opt.zero_grad()
-        r = torch.einsum("bmn,bn->bm", A, x) - b
+        r = matvec(A, x) - b                                          # A x per instance
         (0.5 * r.square().sum()).backward()                          # the smooth part only
         opt.step()
         seconds += time.perf_counter() - t0
@@ -66,6 +67,7 @@ lr = problem.step_size().float()                                    # (64, 1): 0
 compare("64 LASSO problems of the papers' family", problem, {
     "FISTA-restart": lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.1, lr=lr, restart=True),
     "L2O-PA-MR": lambda ps: torch_l2o.PAMR(ps, prox="l1", lam=0.1, lr=lr),
+    "L2O-PA-GRU": lambda ps: torch_l2o.PAGRU(ps, prox="l1", lam=0.1, lr=lr),
     "L2O-PA-MR, lr=None": lambda ps: torch_l2o.PAMR(ps, prox="l1", lam=0.1, instance_dims=1),
 })
 
