@@ -285,7 +285,10 @@ def evaluate_qp(arch, net_sd, config, family):
 # name: (architectures, network options). PA-MR attending across coordinates (the seed's
 # ablation); the PA networks on scale-free inputs (torch_l2o.optim.functional.pa_features).
 VARIANTS = {"coordinates": (("pamr",), {"attend": "coordinates"}),
-            "scaled": (("pa", "pagru", "pamr"), {"inputs": "scaled"})}
+            "scaled": (("pa", "pagru", "pamr"), {"inputs": "scaled"}),
+            # GRU 2 x 8: about a third of the default network's work per coordinate, for
+            # problems whose gradient is cheap beside the learned step
+            "small": (("pagru",), {"hidden": 8})}
 
 
 SELECT = dict(instances=512, iters=300, seed=4242)
@@ -540,7 +543,7 @@ def main(argv=None):
     ap.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                     help="override a training setting (horizon=300, lr=1e-3, ...); repeatable")
     ap.add_argument("--init", help="start from these weights (a shipped name such as pamr-lasso, or a path): fine-tuning")
-    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates; pa, pagru, pamr: scaled)")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates; pa, pagru, pamr: scaled; pagru: small, GRU 2 x 8)")
     args = ap.parse_args(argv)
     families = list(FAMILIES) if "all" in args.family else args.family
     unknown = [f for f in families if f not in FAMILIES]

@@ -33,11 +33,12 @@ def test_gso_mixture_example_matches_em():
 
 
 def test_learned_lasso_example():
-    """PA-MR beats FISTA-restart in iterations on its family; out of it every method
-    reaches 1e-6 and the mixture weights need fewer iterations than the default ones."""
+    """PA-MR and PA-GRU beat FISTA-restart in iterations on their family; out of it every
+    method reaches 1e-6 and the mixture weights need fewer iterations than the default ones."""
     out = _run("learned_lasso.py")
     family, other = ({k: v for k, v in re.findall(r"^  (.+?)\s{2,}(\d+|None) iterations", part, re.M)}
                      for part in out.split("correlated columns"))
-    assert len(family) == 3 and len(other) == 3 and "None" not in [*family.values(), *other.values()], out
+    assert len(family) == 4 and len(other) == 3 and "None" not in [*family.values(), *other.values()], out
     assert int(family["L2O-PA-MR"]) < int(family["FISTA-restart"]) <= 60, out
+    assert int(family["L2O-PA-GRU"]) < int(family["FISTA-restart"]), out
     assert int(other["L2O-PA-MR, lasso-mix"]) < int(other["L2O-PA-MR (default weights)"]), out
