@@ -16,7 +16,8 @@ Per set, every method starts at 0 with the true ``1/L`` per instance (``0.9999 /
 float32 against a float64 ``F*`` (``reference_solve``): FISTA with adaptive restart (the
 baseline, first), FISTA, the three learned optimizers with the shipped weights of the
 family (watchdog on, the default), the mixture-trained weights where they are shipped
-(``"lasso-mix"``, ``"logistic-mix"``: rows "... mix"), and the same with ``safeguard=True``
+(``"lasso-mix"``, ``"logistic-mix"``: rows "... mix"; their small PA-GRU, ``"lasso-mix-small"``:
+"... mix small", unguarded only), and the same with ``safeguard=True``
 (driven by ``step(closure)``). A run stops once its mean relative error is at most 1e-6; the budget is 2000
 iterations unless ``--iters`` says otherwise. The
 summary divides each method's iterations to 1e-6 by FISTA-restart's; "never" (the
@@ -101,7 +102,10 @@ def methods(problem, weights: str, auto: bool = False):
     # the single-family weights, then the mixture-trained ones ("lasso-mix", "logistic-mix") where shipped
     learned = [(label, cls, weights) for label, _, cls in shipped(weights, LEARNED)]
     learned += [(f"{label} mix", cls, f"{weights}-mix") for label, _, cls in shipped(f"{weights}-mix", LEARNED)]
-    for label, cls, w in learned:
+    # the mixtures' small variant (PA-GRU 2 x 8, "lasso-mix-small"): unguarded rows only
+    small = [(f"{label} mix small", cls, f"{weights}-mix-small")
+             for label, _, cls in shipped(f"{weights}-mix-small", LEARNED)]
+    for label, cls, w in learned + small:
         out.append((label, lambda ps, cls=cls, w=w: cls(ps, prox="l1", lam=lam, lr=s, weights=w, instance_dims=1),
                     False))
     if auto:
