@@ -20,6 +20,8 @@ cat "$OUT/device.txt"
 part kernel_tests 180 python -m pytest -q -x -p no:cacheprovider tests/test_fused.py tests/test_kernels.py
 part sweep_quick 120 python benchmarks/kernel_sweep.py --quick --out "$OUT/sweep_quick.json"
 part sweep 150 python benchmarks/kernel_sweep.py --sizes 1e7 --out "$OUT/sweep.json"
+# the row-form batched products (torch_l2o.problems.matvec) must not be slower on the GPU
+part batched_matvec 60 python benchmarks/batched_matvec.py --device cuda
 part step_suite 120 python benchmarks/run.py --suite step --device cuda --out "$OUT/step"
 part walltime_suite 150 python benchmarks/run.py --suite walltime --device cuda --out "$OUT/walltime"
 part all_tests 240 python -m pytest -q -n 8 -p no:cacheprovider
