@@ -54,7 +54,6 @@ def _warn_between_bars(message, category, filename, lineno, file=None, line=None
 
 def main(argv=None) -> dict:
     cfg = parse(argv)
-    warnings.showwarning = _warn_between_bars
     os.makedirs(cfg.out, exist_ok=True)
     results = {"machine": machine(), "command": " ".join(["python benchmarks/run.py"] + (argv or sys.argv[1:])),
                "config": {k: v for k, v in vars(cfg).items() if k != "previous"}, "suites": {}}
@@ -96,4 +95,5 @@ def write_report(path: str, results: dict) -> None:
 
 
 if __name__ == "__main__":
+    warnings.showwarning = _warn_between_bars  # the script's own: main() called from code leaves it alone
     main()
