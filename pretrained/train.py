@@ -359,6 +359,12 @@ def train_one(arch, family_name, args):
         settings = card_old.get("training", settings)
         seconds = card_old.get("training_cpu_seconds")
         config = net.config()
+        # an update option added after these weights were trained (the network's
+        # inference_options: hold_fixed) ran as it did then: say so beside the figures
+        trained_with = dict(card_old.get("trained_with") or {})
+        for k in spec.network.inference_options:
+            if k not in card_old.get("config", {}) and k not in trained_with:
+                trained_with[k] = False
     else:
         # other settings or another start make another run: it must not resume this one's checkpoint
         tag = "".join(f"-{k}{v}" for k, v in sorted(overrides.items())) + (
@@ -377,6 +383,7 @@ def train_one(arch, family_name, args):
             best = best if chosen.startswith("best") else final
         net, _ = build_network(arch, best, **options)
         config = net.config()
+        trained_with = {}
         hist_d = {"val_step": hist.val_step, "val_score": hist.val_score, "loss": hist.loss,
                   "skipped_segments": hist.skipped, "best_step": hist.best_step, "selection": selection}
         seconds = hist.seconds
@@ -393,6 +400,7 @@ def train_one(arch, family_name, args):
     card = {
         "family": family_name, "family_settings": dict(family.__dict__),
         "training": {**settings, **({"init": args.init, "init_sha256": _init_sha(arch, args.init)} if args.init else {})},
+        **({"trained_with": trained_with} if trained_with else {}),
         "selection": hist_d.get("selection") if isinstance(hist_d, dict) else None,
         "meta_loss": _meta_loss_text(settings, family_name),
         "training_cpu_seconds": seconds,

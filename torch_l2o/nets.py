@@ -29,6 +29,9 @@ class CoordinateNet(nn.Module):
     """Base: ``forward(features, state, instances) -> (outputs, new_state)``."""
 
     n_features: int = 2
+    #: constructor options that choose how the update runs, not what the weights are: they
+    #: may differ from those the weights were trained with
+    inference_options: tuple[str, ...] = ()
 
     def init_state(self, n: int, device=None) -> State:
         """Zero recurrent state for ``n`` coordinates."""
@@ -129,13 +132,21 @@ PA_INPUTS = ("raw", "scaled")
 class PANet(CoordinateNet):
     """L2O-PA (Liu et al., ICML 2023): LSTM 2 x 20 on ``[g, y]`` (``inputs="raw"``) or on
     the scale-free ``[s g, y] / sigma`` (``"scaled"``), a ReLU layer, bounded heads ``p, a``
-    in (0, 2). 5,742 parameters."""
+    in (0, 2). 5,742 parameters.
 
-    def __init__(self, hidden: int = 20, layers: int = 2, inputs: str = "raw") -> None:
+    ``hold_fixed`` (default ``True``): a coordinate at a fixed point of the prox-gradient
+    map, ``x_k = y_k = prox_{s r}(y_k - s g_k)``, keeps its recurrent state for the step
+    (:func:`torch_l2o.optim.functional.pa_update`); ``False``: the papers' recurrence."""
+
+    # options of the update, not of the weights: free to differ from the ones they were trained with
+    inference_options = ("hold_fixed",)
+
+    def __init__(self, hidden: int = 20, layers: int = 2, inputs: str = "raw", hold_fixed: bool = True) -> None:
         super().__init__()
         self.rnn = nn.LSTM(2, hidden, layers)
         self.heads = _PAHeads(hidden)
         self.inputs = _check_inputs(inputs)
+        self.hold_fixed = bool(hold_fixed)
 
     def init_state(self, n, device=None):
         return _rnn_state(self.rnn, n, device)
@@ -145,17 +156,20 @@ class PANet(CoordinateNet):
         return self.heads(o), state
 
     def config(self):
-        return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers, "inputs": self.inputs}
+        return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers, "inputs": self.inputs,
+                "hold_fixed": self.hold_fixed}
 
 
 class PAGRUNet(PANet):
-    """L2O-PA-GRU (ablation of seed 000): L2O-PA with a GRU 2 x 16. 2,898 parameters."""
+    """L2O-PA-GRU (ablation of seed 000): L2O-PA with a GRU 2 x 16. 2,898 parameters.
+    ``inputs``, ``hold_fixed``: as for :class:`PANet`."""
 
-    def __init__(self, hidden: int = 16, layers: int = 2, inputs: str = "raw") -> None:
+    def __init__(self, hidden: int = 16, layers: int = 2, inputs: str = "raw", hold_fixed: bool = True) -> None:
         CoordinateNet.__init__(self)
         self.rnn = nn.GRU(2, hidden, layers)
         self.heads = _PAHeads(hidden)
         self.inputs = _check_inputs(inputs)
+        self.hold_fixed = bool(hold_fixed)
 
 
 class PAMRNet(CoordinateNet):
@@ -163,7 +177,7 @@ class PAMRNet(CoordinateNet):
     (Linear-ReLU-Dropout, residual add, LayerNorm), the L2O-PA heads. 4,594 parameters
     with the defaults (fewer than L2O-PA's 5,742, as the paper claims).
 
-    ``inputs``: as for :class:`PANet`.
+    ``inputs``, ``hold_fixed``: as for :class:`PANet`.
 
     ``attend="window"`` (default): each coordinate's current GRU output attends to its own
     last ``window`` outputs (this one included): coordinate-wise, linear in the number of
@@ -172,10 +186,13 @@ class PAMRNet(CoordinateNet):
     instance's size; for small problems).
     """
 
+    inference_options = PANet.inference_options
+
     def __init__(self, hidden: int = 16, layers: int = 2, heads: int = 4, window: int = 8,
-                 attend: str = "window", dropout: float = 0.1, inputs: str = "raw") -> None:
+                 attend: str = "window", dropout: float = 0.1, inputs: str = "raw", hold_fixed: bool = True) -> None:
         super().__init__()
         self.inputs = _check_inputs(inputs)
+        self.hold_fixed = bool(hold_fixed)
         if attend not in ("window", "coordinates"):
             raise ValueError(f"attend must be 'window' or 'coordinates', got {attend!r}")
         if window < 1:
@@ -238,7 +255,8 @@ class PAMRNet(CoordinateNet):
 
     def config(self):
         return {"hidden": self.rnn.hidden_size, "layers": self.rnn.num_layers, "heads": self.attn.num_heads,
-                "window": self.window, "attend": self.attend, "dropout": self.dropout, "inputs": self.inputs}
+                "window": self.window, "attend": self.attend, "dropout": self.dropout, "inputs": self.inputs,
+                "hold_fixed": self.hold_fixed}
 
 
 class DMNet(CoordinateNet):

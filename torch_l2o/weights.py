@@ -235,7 +235,8 @@ def build_network(arch: str, weights: Any = None, **options: Any) -> tuple[Coord
         # an option the file does not name was trained at its default (files predate the option)
         trained = {**{k: p.default for k, p in inspect.signature(Net.__init__).parameters.items()
                       if k != "self" and p.default is not inspect.Parameter.empty}, **config}
-        clash = {k: (v, trained[k]) for k, v in options.items() if k in trained and trained[k] != v}
+        clash = {k: (v, trained[k]) for k, v in options.items()
+                 if k in trained and trained[k] != v and k not in Net.inference_options}
         if clash:
             raise ValueError(f"{path} was trained with {', '.join(f'{k}={b!r}' for k, (a, b) in clash.items())}; "
                              f"you asked for {', '.join(f'{k}={a!r}' for k, (a, b) in clash.items())}")

@@ -160,8 +160,8 @@ static inline void matvec(const float* __restrict W, const float* __restrict b, 
   }
 }
 
-// Rows of `width` floats `stride` apart (one per coordinate) <-> `width` vectors; lanes >= cnt
-// read as 0 and are not written.
+// Rows of `width` floats, row rows[t] of lane t at src + rows[t] * stride (one per coordinate)
+// <-> `width` vectors; lanes >= cnt read as 0 and are not written (their rows[t] must be valid).
 #if defined(__AVX512F__)
 #include <immintrin.h>
 // A 16 x 16 block transposed in registers: four butterfly stages, each swapping the
@@ -186,20 +186,20 @@ template <int D> static inline void butterfly(vf* r) {
 }
 static inline void transpose16(vf* r) { butterfly<8>(r); butterfly<4>(r); butterfly<2>(r); butterfly<1>(r); }
 static inline __mmask16 first(int n) { return n >= T ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1); }
-static inline void load_t(const float* src, int64_t stride, int width, int cnt, vf* dst) {
+static inline void load_t(const float* src, const int64_t* rows, int64_t stride, int width, int cnt, vf* dst) {
   for (int c = 0; c < width; c += T) {
     const __mmask16 cols = first(width - c);
     vf r[T];
 #pragma GCC unroll 16
     for (int t = 0; t < T; t++)
-      r[t] = (vf)_mm512_maskz_loadu_ps(t < cnt ? cols : (__mmask16)0, src + t * stride + c);
+      r[t] = (vf)_mm512_maskz_loadu_ps(t < cnt ? cols : (__mmask16)0, src + rows[t] * stride + c);
     transpose16(r);
 #pragma GCC unroll 16
     for (int u = 0; u < T; u++)
       if (c + u < width) dst[c + u] = r[u];
   }
 }
-static inline void store_t(float* dst, int64_t stride, int width, int cnt, const vf* src) {
+static inline void store_t(float* dst, const int64_t* rows, int64_t stride, int width, int cnt, const vf* src) {
   for (int c = 0; c < width; c += T) {
     const __mmask16 cols = first(width - c);
     vf r[T];
@@ -207,18 +207,19 @@ static inline void store_t(float* dst, int64_t stride, int width, int cnt, const
     for (int u = 0; u < T; u++) r[u] = c + u < width ? src[c + u] : splat(0.0f);
     transpose16(r);
 #pragma GCC unroll 16
-    for (int t = 0; t < T; t++) _mm512_mask_storeu_ps(dst + t * stride + c, t < cnt ? cols : (__mmask16)0, (__m512)r[t]);
+    for (int t = 0; t < T; t++)
+      _mm512_mask_storeu_ps(dst + rows[t] * stride + c, t < cnt ? cols : (__mmask16)0, (__m512)r[t]);
   }
 }
 #else
-static inline void load_t(const float* src, int64_t stride, int width, int cnt, vf* dst) {
+static inline void load_t(const float* src, const int64_t* rows, int64_t stride, int width, int cnt, vf* dst) {
   for (int u = 0; u < width; u++) dst[u] = splat(0.0f);
   for (int t = 0; t < cnt; t++)
-    for (int u = 0; u < width; u++) dst[u][t] = src[t * stride + u];
+    for (int u = 0; u < width; u++) dst[u][t] = src[rows[t] * stride + u];
 }
-static inline void store_t(float* dst, int64_t stride, int width, int cnt, const vf* src) {
+static inline void store_t(float* dst, const int64_t* rows, int64_t stride, int width, int cnt, const vf* src) {
   for (int t = 0; t < cnt; t++)
-    for (int u = 0; u < width; u++) dst[t * stride + u] = src[u][t];
+    for (int u = 0; u < width; u++) dst[rows[t] * stride + u] = src[u][t];
 }
 #endif
 
@@ -237,6 +238,7 @@ struct Args {  // mirrored by cpu_step.py's _Args
   double ln_eps;
   int64_t nthreads;
   const float* fs; int64_t fs_div;           // SCALED: 1 / sigma per instance, indexed i / fs_div
+  int64_t hold;                               // pa: coordinates with x = y = T y keep iterates and state
 };
 
 // Packed weights, in order (see _pack in cpu_step.py):
@@ -319,6 +321,12 @@ template <typename V, typename R> static inline V per_lane(const R* p, int64_t d
   }
   return v;
 }
+// The prox-gradient point rounded op by op as the reference rounds it, without fused
+// multiply-adds: whether a coordinate is a fixed point (x = y = prox_{s r}(y - s g), held)
+// must be decided exactly as the reference decides it, and converged float32 coordinates
+// do sit on exact fixed points (the network's dot products keep their FMAs).
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
 // torch_l2o.prox on the tile's lanes, codes of KERNEL_PROX (the switch outside, the lanes inside)
 template <typename R, typename V>
 static inline V prox_lanes(int64_t code, V z, V t, R s0, R s1) {
@@ -341,12 +349,36 @@ static inline V prox_lanes(int64_t code, V z, V t, R s0, R s1) {
     default: return z;  // none
   }
 }
+// prox_{t r}(y - t g)
+template <typename R, typename V>
+static inline V prox_point(int64_t code, V y, V g, V t, R s0, R s1) { return prox_lanes<R>(code, y - t * g, t, s0, s1); }
+#pragma GCC pop_options
 
+// The lanes' values of p at coordinates rows[0 .. cnt) (the rest 0), and back
+template <typename V, typename R> static inline V gather_lanes(const R* p, const int64_t* rows, int cnt) {
+  V v = {};
+  for (int t = 0; t < cnt; t++) v[t] = p[rows[t]];
+  return v;
+}
+template <typename V, typename R> static inline void scatter_lanes(R* p, const int64_t* rows, int cnt, V v) {
+  for (int t = 0; t < cnt; t++) p[rows[t]] = v[t];
+}
+template <typename V, typename R> static inline V per_row(const R* p, int64_t div, const int64_t* rows, int cnt) {
+  V v = {};
+  for (int t = 0; t < cnt; t++) v[t] = p[rows[t] / div];
+  return v;
+}
+
+// One tile: lane t steps coordinate rows[t] (t < cnt; later entries repeat a valid row).
+// `contig`: rows[t] = rows[0] + t, so g, y, x move as whole vectors; otherwise (the pa
+// kind's held coordinates left out) lane by lane. ahead[0 .. nahead): a later tile's rows,
+// whose state is prefetched.
 template <typename R>
-static void tile(const Args& a, int64_t n0, int cnt) {
-  R* y = (R*)a.y + n0;
-  const R* g = (const R*)a.g + n0;
-  R* x = (R*)a.x + n0;
+static void tile(const Args& a, const int64_t* rows, int cnt, bool contig, const int64_t* ahead, int nahead) {
+  const int64_t n0 = rows[0];
+  R* y = (R*)a.y;
+  const R* g = (const R*)a.g;
+  R* x = (R*)a.x;
 #if defined(__SSE__)
   // Denormals flush to zero in the network: saturated gates make them, and each costs a
   // microcode assist (measured: 20x slower steps). The step itself rounds as the caller does.
@@ -357,26 +389,28 @@ static void tile(const Args& a, int64_t n0, int cnt) {
 #define RESTORE_CSR()
 #endif
   typedef typename Lanes<R>::V V;
-  const V gR = load_lanes<V>(g, cnt), yR = load_lanes<V>(y, cnt);
-  const V lrv = a.lr ? per_lane<V>((const R*)a.lr, a.lr_div, n0, cnt) : vsplat<V>((R)a.lr_scalar);
+  const V gR = contig ? load_lanes<V>(g + n0, cnt) : gather_lanes<V>(g, rows, cnt);
+  const V yR = contig ? load_lanes<V>(y + n0, cnt) : gather_lanes<V>(y, rows, cnt);
+  const V lrv = !a.lr ? vsplat<V>((R)a.lr_scalar)
+                : contig ? per_lane<V>((const R*)a.lr, a.lr_div, n0, cnt) : per_row<V>((const R*)a.lr, a.lr_div, rows, cnt);
   vf gv = __builtin_convertvector(gR, vf), yv = __builtin_convertvector(yR, vf);
-  if (n0 + 2 * T < a.n) {  // the state of the tile after next
-    const int64_t ahead = n0 + 2 * T;
+  for (int t = 0; t < nahead; t++) {  // the state of a later tile
     for (int l = 0; l < LAYERS; l++) {
-      prefetch(a.h + l * a.lstride + ahead * HID, T * HID);
+      prefetch(a.h + l * a.lstride + ahead[t] * HID, HID);
 #if LSTM
-      prefetch(a.c + l * a.lstride + ahead * HID, T * HID);
+      prefetch(a.c + l * a.lstride + ahead[t] * HID, HID);
 #endif
     }
 #if MR && WIN > 1
-    prefetch(a.win + ahead * (WIN - 1) * HID, T * (WIN - 1) * HID);
+    prefetch(a.win + ahead[t] * (WIN - 1) * HID, (WIN - 1) * HID);
 #endif
   }
   const float* w = a.w;
   vf inp[IN0];
 #if SCALED  // the PA networks' scale-free [s g, y] / sigma, 1 / sigma per instance computed before
   {
-    vf lv = __builtin_convertvector(lrv, vf), iv = per_lane<vf>(a.fs, a.fs_div, n0, cnt);
+    vf lv = __builtin_convertvector(lrv, vf);
+    vf iv = contig ? per_lane<vf>(a.fs, a.fs_div, n0, cnt) : per_row<vf>(a.fs, a.fs_div, rows, cnt);
     inp[0] = (gv * lv) * iv; inp[1] = yv * iv;
   }
 #elif KIND == 0 || GRADX  // [g, y]
@@ -393,7 +427,7 @@ static void tile(const Args& a, int64_t n0, int cnt) {
   }
 #else  // RNNProp: bias-corrected moments (beta 0.95), then ELU(Linear(2, HID))
   {
-    float* mp = a.m + n0; float* vp = a.v + n0;
+    float* mp = a.m + n0; float* vp = a.v + n0;  // contiguous: only the pa kind holds coordinates
     vf mv = load_lanes<vf>(mp, cnt), vv = load_lanes<vf>(vp, cnt);
     mv = 0.95f * mv + (float)(1 - 0.95) * gv;
     vv = 0.95f * vv + ((float)(1 - 0.95) * gv) * gv;
@@ -409,16 +443,16 @@ static void tile(const Args& a, int64_t n0, int cnt) {
 #endif
   vf h[HID], c[HID], o[HID];
   for (int l = 0; l < LAYERS; l++) {
-    float* hp = a.h + l * a.lstride + n0 * HID;
-    load_t(hp, HID, HID, cnt, h);
+    float* hp = a.h + l * a.lstride;
+    load_t(hp, rows, HID, HID, cnt, h);
 #if LSTM
-    float* cp = a.c + l * a.lstride + n0 * HID;
-    load_t(cp, HID, HID, cnt, c);
+    float* cp = a.c + l * a.lstride;
+    load_t(cp, rows, HID, HID, cnt, c);
 #endif
     w = l == 0 ? cell<IN0>(w, inp, h, c) : cell<HID>(w, o, h, c);
-    store_t(hp, HID, HID, cnt, h);
+    store_t(hp, rows, HID, HID, cnt, h);
 #if LSTM
-    store_t(cp, HID, HID, cnt, c);
+    store_t(cp, rows, HID, HID, cnt, c);
 #endif
     for (int u = 0; u < HID; u++) o[u] = h[u];
   }
@@ -447,8 +481,8 @@ static void tile(const Args& a, int64_t n0, int cnt) {
     const float scale = (float)sqrt((double)DH);
     vf keys[WIN][HID];  // oldest first, the current output last
 #if WIN > 1
-    float* wp = a.win + n0 * (WIN - 1) * HID;
-    load_t(wp, (WIN - 1) * HID, (WIN - 1) * HID, cnt, keys[0]);  // keys[0 .. WIN - 2], contiguous
+    float* wp = a.win;
+    load_t(wp, rows, (WIN - 1) * HID, (WIN - 1) * HID, cnt, keys[0]);  // keys[0 .. WIN - 2], contiguous
 #endif
     for (int k = 0; k < HID; k++) keys[WIN - 1][k] = o[k];
     vf s[WIN][HEADS], mx[HEADS];
@@ -486,7 +520,7 @@ static void tile(const Args& a, int64_t n0, int cnt) {
       u[i] = acc;
     }
 #if WIN > 1  // the window drops its oldest output and appends the current one
-    store_t(wp, (WIN - 1) * HID, (WIN - 1) * HID, cnt, keys[1]);
+    store_t(wp, rows, (WIN - 1) * HID, (WIN - 1) * HID, cnt, keys[1]);
 #endif
     vf v[HID];
     matvec<HID, HID>(Wo, bo, u, v);
@@ -518,10 +552,16 @@ static void tile(const Args& a, int64_t n0, int cnt) {
   RESTORE_CSR();
   // t = lr p; x+ = prox_t(y - t g); y+ = x+ + a (x+ - x)
   const V tt = lrv * __builtin_convertvector(pp, V);
-  const V xn = prox_lanes<R>(a.prox, yR - tt * gR, tt, (R)a.s0, (R)a.s1);
-  const V yn = xn + __builtin_convertvector(aa, V) * (xn - load_lanes<V>(x, cnt));
-  store_lanes(x, cnt, xn);
-  store_lanes(y, cnt, yn);
+  const V xn = prox_point<R>(a.prox, yR, gR, tt, (R)a.s0, (R)a.s1);
+  const V xo = contig ? load_lanes<V>(x + n0, cnt) : gather_lanes<V>(x, rows, cnt);
+  const V yn = xn + __builtin_convertvector(aa, V) * (xn - xo);
+  if (contig) {
+    store_lanes(x + n0, cnt, xn);
+    store_lanes(y + n0, cnt, yn);
+  } else {
+    scatter_lanes(x, rows, cnt, xn);
+    scatter_lanes(y, rows, cnt, yn);
+  }
 #else
   const float* wo = w;
   vf out = splat(wo[HID]);
@@ -532,17 +572,64 @@ static void tile(const Args& a, int64_t n0, int cnt) {
   out = 0.1f * vtanh(out);
 #endif
   RESTORE_CSR();
-  store_lanes(y, cnt, prox_lanes<R>(a.prox, yR - lrv * __builtin_convertvector(out, V), lrv, (R)a.s0, (R)a.s1));
+  store_lanes(y + n0, cnt, prox_point<R>(a.prox, yR, __builtin_convertvector(out, V), lrv, (R)a.s0, (R)a.s1));
 #endif
+}
+
+// The pa kind with `hold`: a coordinate with x = y = prox_{s r}(y - s g) (computed as the
+// reference computes it) keeps its iterates and state, so its network is not run. Per
+// chunk the others are listed, then stepped in tiles of T by index (contiguous runs of T
+// still move as vectors). On sparse problems 80-90 % of the coordinates are held late in a run.
+#define HOLD_CHUNK 1024
+template <typename R>
+static void run_held(const Args& a) {
+  typedef typename Lanes<R>::V V;
+  const R* y = (const R*)a.y;
+  const R* g = (const R*)a.g;
+  const R* x = (const R*)a.x;
+  const int64_t chunks = (a.n + HOLD_CHUNK - 1) / HOLD_CHUNK;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(a.nthreads) if (a.nthreads > 1)
+  for (int64_t ci = 0; ci < chunks; ci++) {
+    const int64_t lo = ci * HOLD_CHUNK, hi = lo + HOLD_CHUNK < a.n ? lo + HOLD_CHUNK : a.n;
+    int64_t act[HOLD_CHUNK];
+    int na = 0;
+    for (int64_t i0 = lo; i0 < hi; i0 += T) {
+      const int cnt = hi - i0 < T ? (int)(hi - i0) : T;
+      const V yv = load_lanes<V>(y + i0, cnt), xv = load_lanes<V>(x + i0, cnt), gv = load_lanes<V>(g + i0, cnt);
+      const V lrv = a.lr ? per_lane<V>((const R*)a.lr, a.lr_div, i0, cnt) : vsplat<V>((R)a.lr_scalar);
+      const V tv = prox_point<R>(a.prox, yv, gv, lrv, (R)a.s0, (R)a.s1);
+      for (int t = 0; t < cnt; t++)
+        if (!(tv[t] == yv[t] && xv[t] == yv[t])) act[na++] = i0 + t;
+    }
+    for (int j = 0; j < na; j += T) {
+      const int cnt = na - j < T ? na - j : T;
+      int64_t rows[T];
+      for (int t = 0; t < T; t++) rows[t] = act[j + (t < cnt ? t : 0)];
+      const int later = na - (j + 2 * T), nahead = later <= 0 ? 0 : (later < T ? later : T);
+      tile<R>(a, rows, cnt, cnt == T && rows[T - 1] - rows[0] == T - 1, act + j + 2 * T, nahead);
+    }
+  }
 }
 
 template <typename R>
 static void run(const Args& a) {
+#if KIND == 0
+  if (a.hold) {
+    run_held<R>(a);
+    return;
+  }
+#endif
   const int64_t tiles = (a.n + T - 1) / T;
 #pragma omp parallel for schedule(static) num_threads(a.nthreads) if (a.nthreads > 1)
   for (int64_t i = 0; i < tiles; i++) {
     const int64_t n0 = i * T;
-    tile<R>(a, n0, a.n - n0 < T ? (int)(a.n - n0) : T);
+    const int cnt = a.n - n0 < T ? (int)(a.n - n0) : T;
+    int64_t rows[T], ahead[T];
+    for (int t = 0; t < T; t++) rows[t] = n0 + (t < cnt ? t : 0);
+    const int64_t later = a.n - (n0 + 2 * T);  // the tile after next
+    const int nahead = later <= 0 ? 0 : (later < T ? (int)later : T);
+    for (int t = 0; t < nahead; t++) ahead[t] = n0 + 2 * T + t;
+    tile<R>(a, rows, cnt, true, ahead, nahead);
   }
 }
 
@@ -559,7 +646,7 @@ class _Args(ctypes.Structure):
                     ("n", "i"), ("y", "p"), ("g", "p"), ("x", "p"), ("lr", "p"), ("lr_div", "i"), ("lr_scalar", "d"),
                     ("h", "p"), ("c", "p"), ("lstride", "i"), ("m", "p"), ("v", "p"), ("win", "p"), ("filled", "i"),
                     ("w", "p"), ("prox", "i"), ("s0", "d"), ("s1", "d"), ("aux0", "d"), ("aux1", "d"), ("aux2", "d"),
-                    ("ln_eps", "d"), ("nthreads", "i"), ("fs", "p"), ("fs_div", "i"))]
+                    ("ln_eps", "d"), ("nthreads", "i"), ("fs", "p"), ("fs_div", "i"), ("hold", "i"))]
 
 
 # ---------------------------------------------------------------- switch
@@ -831,6 +918,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     fn = lib.l2o_step_f32 if dtype == torch.float32 else lib.l2o_step_f64
     threads = torch.get_num_threads()
     scales = input_scales(kind, net, ys, gs, lr, instance_dims)
+    hold = int(kind == "pa" and getattr(net, "hold_fixed", False))  # every kernel prox is elementwise
     off = 0
     for y, g, x, (lr_t, div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
         n = y.numel()
@@ -844,7 +932,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
                 filled=int(filled) if filled is not None else 0, w=w.data_ptr(), prox=prox_code, s0=s0, s1=s1,
                 aux0=aux[0], aux1=aux[1], aux2=aux[2], ln_eps=float(net.norms[0].eps) if cfg["MR"] else 1e-5,
                 nthreads=max(1, min(threads, n // _THREAD_CHUNK)), fs=_ptr(inv),
-                fs_div=n // inv.numel() if inv is not None else 1)
+                fs_div=n // inv.numel() if inv is not None else 1, hold=hold)
             fn(ctypes.byref(args))
         off += n
     if filled is not None:

@@ -170,11 +170,11 @@ if HAVE_TRITON:
     @triton.jit
     def _learned_step_kernel(
         x_ptr, y_ptr, g_ptr, lr_ptr, h_ptr, c_ptr, m_ptr, v_ptr, win_ptr, filled_ptr,
-        wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, head_ptr, mr_ptr, fs_ptr,
+        wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, head_ptr, mr_ptr, fs_ptr, held_ptr,
         n, lr_div, t_scale, s0, s1, stride_l, aux0, aux1, aux2, ln_eps, fs_div,
         KIND: tl.constexpr, LSTM: tl.constexpr, LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
         PROX: tl.constexpr, HAS_LR: tl.constexpr, MR: tl.constexpr, W: tl.constexpr, GRAD_X: tl.constexpr,
-        SCALED: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
+        SCALED: tl.constexpr, HOLD: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK + tl.arange(0, BLOCK)
@@ -190,6 +190,8 @@ if HAVE_TRITON:
         MM: tl.constexpr = HP * HP
 
         if KIND == 0:  # the PA family: features [g, y], or [s g, y] / sigma (1 / sigma per instance: fs_ptr)
+            if HOLD:  # held coordinates (held_ptr, the reference's own test): no state, x or y read or written
+                rmask = rmask & (tl.load(held_ptr + rows, mask=rmask, other=1) == 0)
             if SCALED:
                 inv = tl.load(fs_ptr + rows // fs_div, mask=rmask, other=0.0)
                 f0 = (g * lr) * inv
@@ -351,6 +353,9 @@ def _serves(kind: str, net: nn.Module) -> bool:
 
 
 def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step, instance_dims=0):
+    # The pa kind with hold_fixed takes the held coordinates from the reference's own test
+    # (torch_l2o.optim.functional.held_coordinates, a few elementwise passes): computed in
+    # the kernel, fused multiply-adds could round a converged coordinate's test otherwise.
     """The fused step backend (see :mod:`torch_l2o.kernels.fused`); ``None`` declines."""
     if not HAVE_TRITON or kind not in KINDS or not _serves(kind, net):
         return None
@@ -393,6 +398,12 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
     off, block = 0, CONFIG["BLOCK"]
     scales = input_scales(kind, net, ys, gs, lr, instance_dims)
     scaled = any(inv is not None for inv in scales)  # False for an empty tensor list too
+    held = None
+    if kind == "pa" and getattr(net, "hold_fixed", False):
+        from ..optim.functional import held_coordinates
+
+        held = held_coordinates(ys, gs, xs, list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys), prox,
+                                params).view(torch.uint8)
     for y, g, x, (lr_t, lr_div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
         n = y.numel()
         if n:
@@ -402,12 +413,13 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
                 m[off:] if m is not None else y, v[off:] if v is not None else y,
                 win[off:] if win is not None else y, filled if filled is not None else h,
                 w["wx0"], w["wx"], w["wh"], w["b"], w["bhn"], w["head"], w.get("mr", w["head"]),
-                inv if inv is not None else h,
+                inv if inv is not None else h, held[off:] if held is not None else h,
                 n, lr_div, lr_s,
                 s0, s1, h.stride(0), *aux, ln_eps, n // inv.numel() if inv is not None else 1,
                 KIND=KINDS[kind], LSTM=isinstance(rnn, nn.LSTM), LAYERS=rnn.num_layers, H=rnn.hidden_size,
                 HP=w["hp"], PROX=prox_code, HAS_LR=lr_t is not None, MR=mr, W=W,
-                GRAD_X=kind == "dm" and net.inputs == "grad_x", SCALED=scaled, BLOCK=block, PREC=CONFIG["precision"],
+                GRAD_X=kind == "dm" and net.inputs == "grad_x", SCALED=scaled, HOLD=held is not None, BLOCK=block,
+                PREC=CONFIG["precision"],
                 num_warps=CONFIG["num_warps"],
             )
         off += n
