@@ -1,7 +1,8 @@
 """Time the in-place learned step on the CPU: the PyTorch reference against the fused
 CPU backend (:mod:`torch_l2o.kernels.cpu_step`), with Adam for scale.
 
-``python benchmarks/cpu_step_timing.py [--sizes 1e4,1e5,1e6] [--archs pa,...] [--threads 1] [--against REV]``
+``python benchmarks/cpu_step_timing.py [--sizes 1e4,1e5,1e6] [--archs pa,...] [--threads 1] [--against REV]
+[--held 0.85]``
 
 Prints microseconds per element and step (the best of ``--reps`` steps; wall clock and
 this thread's CPU time, which is less disturbed by other jobs on the machine), the
@@ -13,6 +14,10 @@ to the largest magnitude), and each configuration's first-call compile latency: 
 built the same way), in the same process and alternated with this checkout's: a
 before/after ratio within one run, which timings from different sessions (another host,
 another clock) cannot give.
+
+``--held F``: a fraction ``F`` of the coordinates (scattered at random) at fixed points of
+the prox-gradient map (``x = y = 0``, ``|g| < lam``), as in a sparse run late: the PA
+family's ``hold_fixed`` (the default) keeps them and the CPU loop skips their network.
 """
 
 from __future__ import annotations
@@ -44,12 +49,15 @@ def _problem(n: int, seed: int = 0):
     return torch.randn(n, generator=gen), 0.5 * torch.randn(n, generator=gen)
 
 
-def _step_fn(arch: str, net, n: int):
+def _step_fn(arch: str, net, n: int, held: float = 0.0):
     """A closure running one in-place step on its own copy of a warmed-up state."""
     update = get_architecture(arch).update
     kind = KIND[arch]
     kw = {"lr": 0.01, "prox": "l1" if kind == "pa" else "none", "params": {"lam": 0.1} if kind == "pa" else {}}
     y, g = _problem(n)
+    if held and kind == "pa":  # fixed points of the l1 prox-gradient map at any step: they stay put
+        fixed = torch.rand(n, generator=torch.Generator().manual_seed(1)) < held
+        y[fixed], g[fixed] = 0.0, 0.05 * torch.tanh(g[fixed])
     x = y.clone()
     state = net.init_state(n)
     with torch.no_grad(), use_fused(False):  # a few steps: moments nonzero, PA-MR's window partly filled
@@ -123,12 +131,14 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--reps", type=int, default=5, help="timed steps per path (3 at 1e6 and above)")
     ap.add_argument("--against", metavar="REV", help="also time the loop of this git revision")
+    ap.add_argument("--held", type=float, default=0.0, metavar="F",
+                    help="fraction of the coordinates at fixed points (the PA family holds them)")
     a = ap.parse_args(argv)
     old_src = _source_at(a.against) if a.against else None
     torch.set_num_threads(a.threads)
     sizes = [int(float(s)) for s in a.sizes.split(",")]
     archs = a.archs.split(",")
-    print(f"torch {torch.__version__}, {a.threads} thread(s), {os.cpu_count()} CPUs; "
+    print(f"torch {torch.__version__}, {a.threads} thread(s), {os.cpu_count()} CPUs, held fraction {a.held}; "
           f"fused-step backends: {', '.join(__import__('torch_l2o').kernels.fused.step_backends())}")
 
     print("\nfirst-call compile latency (seconds): cold = g++ into an empty cache; cached = loading it back")
@@ -167,9 +177,12 @@ def main(argv=None) -> None:
             paths = [(False, None)] + ([("cpu", old_src)] if old_src else []) + [("cpu", None)]
             runs = []
             for fused, src in paths:
-                run, _ = _step_fn(arch, net, n)
+                run, _ = _step_fn(arch, net, n, a.held)
                 with _source(src), use_fused(fused):
                     run()  # the first call compiles or loads the library
+                    if fused and cpu_step.compile_library(cpu_step._config(KIND[arch], net)) is None:
+                        raise SystemExit(f"the CPU loop{' at ' + a.against if src else ''} could not be built or "
+                                         "loaded (an argument layout older than this checkout's?)")
                 runs.append(run)
             best = [(float("inf"), float("inf"))] * len(paths)
             for _ in range(reps):  # alternated: a slow spell of the machine hits every path alike

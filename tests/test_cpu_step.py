@@ -415,3 +415,56 @@ def test_scaled_inputs_optimizer_run_matches_reference(backend_calls):
         runs.append(x.detach().clone())
     assert backend_calls == [True] * 5
     _close(runs[0], runs[1], "x")
+
+
+@pytest.mark.parametrize("prox", ["l1", "box", "elastic_net", "nonneg_l1", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_watchdog_residuals_match_reference(prox, dtype):
+    """``prox_residuals`` (the watchdog's per-instance ``|prox_{s r}(y - s g) - y|^2``, one
+    pass of the loop's prox) against the watchdog's PyTorch expression: two tensors of one
+    group, a per-instance ``lr``, exact fixed points (residual 0) among the coordinates."""
+    from torch_l2o.kernels.cpu_step import prox_residuals
+    from torch_l2o.kernels.reference import prox_point_reference
+
+    ys, gs, _ = _problem([(3, 50), (3, 4, 5)], dtype, seed=4)
+    ys[0][:, ::3] = 0.0
+    gs[0][:, ::3] = 0.01  # |g| < lam: fixed points of every prox but "none" and box
+    lrs = [torch.tensor([[0.05], [0.2], [0.01]], dtype=dtype), torch.tensor([[0.05], [0.2], [0.01]],
+                                                                             dtype=dtype).reshape(3, 1, 1)]
+    with use_fused("cpu"):
+        got = prox_residuals(ys, gs, lrs, prox, PROX[prox], 1)
+    assert got is not None and got.dtype == torch.float64 and got.shape == (3,)
+    ref = sum(torch.linalg.vector_norm(prox_point_reference(y, g, s, 1.0, prox, PROX[prox]) - y,
+                                       dim=tuple(range(1, y.dim())), dtype=torch.float64).square()
+              for y, g, s in zip(ys, gs, lrs))
+    assert torch.allclose(got, ref, rtol=1e-12 if dtype == torch.float64 else 1e-6, atol=0)
+    with use_fused("cpu"):  # what it does not serve, it declines: the watchdog computes it in PyTorch
+        assert prox_residuals(ys, gs, lrs, "group_l1", {"lam": 0.1}, 1) is None
+        assert prox_residuals([y.to(torch.bfloat16) for y in ys], [g.to(torch.bfloat16) for g in gs], lrs,
+                              prox, PROX[prox], 1) is None
+
+
+def test_the_watchdog_on_the_loop_catches_what_it_catches_on_the_reference():
+    """The issue's lam / 5 case (PA, LASSO 250 x 500 at lam 0.02): the watchdog, its
+    residual computed by the loop, flags the same instances as with the PyTorch reference
+    (at the same step, up to rounding near a threshold), and the runs end
+    at the same point."""
+    prob = torch_l2o.problems.Lasso(lam=0.02).sample(8, generator=torch.Generator().manual_seed(1))
+    runs = []
+    for backend in ("cpu", False):
+        x = prob.x0().requires_grad_(True)
+        opt = torch_l2o.PA([x], prox="l1", lam=0.02, lr=prob.step_size(), instance_dims=1)
+        flags = []
+        with use_fused(backend), pytest.warns(RuntimeWarning, match="diverged or stalled"):
+            for _ in range(150):
+                opt.zero_grad()
+                prob.smooth(x).sum().backward()
+                opt.step()
+                flags.append(opt.state[x]["watchdog"].clone())
+        runs.append((torch.stack(flags), opt.solution(x)))
+    (loop, x_loop), (ref, x_ref) = runs
+    assert torch.equal(loop[-1], ref[-1]) and bool(ref[-1].any())
+    # the step each instance fell back at: the same, up to rounding near a threshold
+    first = [torch.where(f.any(0), f.float().argmax(0), -1) for f in (loop, ref)]
+    assert (first[0] - first[1]).abs().max() <= 3
+    assert (x_loop - x_ref).abs().max() <= 1e-3 * x_ref.abs().max()

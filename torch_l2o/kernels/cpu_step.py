@@ -66,11 +66,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fused import (input_scales, kernel_prox, lr_operands, packed_weights, register_step_backend, requested,
-                    step_constants)
+from . import fused
+from .fused import kernel_prox, lr_operands, packed_weights, register_step_backend, requested, step_constants
 from .triton_step import interpret_mode
 
-__all__ = ["compile_library", "cpu_learned_step", "set_cpu_step_backend"]
+__all__ = ["compile_library", "cpu_learned_step", "prox_residuals", "set_cpu_step_backend"]
 
 NAME = "cpu"
 MAX_HIDDEN = 128  # the tile keeps O(hidden) vectors on the stack
@@ -85,6 +85,7 @@ _SOURCE = r"""
 // SCALED (the PA networks' inputs="scaled").
 #include <stdint.h>
 #include <math.h>
+#include <float.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -633,8 +634,51 @@ static void run(const Args& a) {
   }
 }
 
+// Per-instance reductions the step needs besides the tile loop, one pass each over the
+// a.n coordinates of one tensor, `per` coordinates an instance (out[a.n / per]):
+// the watchdog's squared prox-gradient residual |prox_{s r}(y - s g) - y|^2, summed in double
+// as the reference sums it (torch_l2o.optim.watchdog), and the scaled inputs' 1 / sigma,
+// sigma = RMS max(|y|, |s g|) (torch_l2o.optim.functional._input_scale; 0 for sigma = 0)
+template <typename R>
+static void residuals(const Args& a, int64_t per, double* out) {
+  typedef typename Lanes<R>::V V;
+  const R* y = (const R*)a.y;
+  const R* g = (const R*)a.g;
+  for (int64_t b = 0; b * per < a.n; b++) {
+    double acc = 0.0;
+    for (int64_t i0 = b * per; i0 < (b + 1) * per; i0 += T) {
+      const int cnt = (b + 1) * per - i0 < T ? (int)((b + 1) * per - i0) : T;
+      const V yv = load_lanes<V>(y + i0, cnt), gv = load_lanes<V>(g + i0, cnt);
+      const V lrv = a.lr ? per_lane<V>((const R*)a.lr, a.lr_div, i0, cnt) : vsplat<V>((R)a.lr_scalar);
+      const V r = prox_point<R>(a.prox, yv, gv, lrv, (R)a.s0, (R)a.s1) - yv;
+      for (int t = 0; t < cnt; t++) acc += (double)r[t] * (double)r[t];
+    }
+    out[b] = acc;
+  }
+}
+template <typename R>
+static void scales(const Args& a, int64_t per, float* out) {
+  const R* y = (const R*)a.y;
+  const R* g = (const R*)a.g;
+  for (int64_t b = 0; b * per < a.n; b++) {
+    double acc = 0.0;
+    for (int64_t i = b * per; i < (b + 1) * per; i++) {
+      const float s = a.lr ? (float)((const R*)a.lr)[i / a.lr_div] : (float)a.lr_scalar;
+      const float ay = fabsf((float)y[i]), ag = fabsf((float)g[i] * s);
+      const float m = ay > ag ? ay : ag;
+      acc += (double)m * (double)m;
+    }
+    const float sigma = (float)sqrt(acc / (double)per);
+    out[b] = sigma > 0.0f ? 1.0f / (sigma > FLT_MIN ? sigma : FLT_MIN) : 0.0f;
+  }
+}
+
 extern "C" void l2o_step_f32(const Args* a) { run<float>(*a); }
 extern "C" void l2o_step_f64(const Args* a) { run<double>(*a); }
+extern "C" void l2o_residuals_f32(const Args* a, int64_t per, double* out) { residuals<float>(*a, per, out); }
+extern "C" void l2o_residuals_f64(const Args* a, int64_t per, double* out) { residuals<double>(*a, per, out); }
+extern "C" void l2o_scales_f32(const Args* a, int64_t per, float* out) { scales<float>(*a, per, out); }
+extern "C" void l2o_scales_f64(const Args* a, int64_t per, float* out) { scales<double>(*a, per, out); }
 extern "C" int64_t l2o_args_size(void) { return (int64_t)sizeof(Args); }
 extern "C" int64_t l2o_lanes(void) { return T; }
 """
@@ -761,6 +805,8 @@ def _build(defines: dict[str, int]) -> Any:
                 continue
             for fn in (lib.l2o_step_f32, lib.l2o_step_f64):
                 fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], None
+            for fn in (lib.l2o_residuals_f32, lib.l2o_residuals_f64, lib.l2o_scales_f32, lib.l2o_scales_f64):
+                fn.argtypes, fn.restype = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_void_p], None
             return lib
     if not _WARNED:
         _WARNED = True
@@ -856,12 +902,79 @@ def _ptr(t: Tensor | None) -> int | None:
     return t.data_ptr() if t is not None else None
 
 
+def _serving() -> bool:
+    """Whether the loop may run now (the step is asked through :func:`fused_step`, which
+    applies ``use_fused`` itself; the reductions below ask here)."""
+    wanted = fused._ENABLED is True or requested() == NAME
+    return _BACKEND == "compile" and wanted and not (interpret_mode() and requested() != NAME) \
+        and not torch.compiler.is_compiling()
+
+
+def _operands(ts: list, lr: Any) -> list | None:
+    """``lr_operands`` of tensor lists ``ts`` (``[ys, gs, ...]``) that the loop serves: CPU,
+    one float dtype, one shape per position, contiguous; ``None`` otherwise."""
+    ys = ts[0]
+    dtype = ys[0].dtype
+    if dtype not in DTYPES or any(len(t) != len(ys) for t in ts):
+        return None
+    for group in zip(*ts):
+        y = group[0]
+        if not all(t.device.type == "cpu" and t.dtype == dtype and t.shape == y.shape and t.is_contiguous()
+                   for t in group):
+            return None
+    return lr_operands(lr, ys, dtype)  # the reference computes lr * p in the iterates' dtype
+
+
+def _instance_count(y: Tensor, k: int) -> int:
+    n = 1
+    for d in y.shape[:k]:
+        n *= d
+    return n
+
+
+def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> Tensor | None:
+    r"""Per instance, :math:`\sum |\operatorname{prox}_{s r}(y - s g) - y|^2` over the tensors
+    (float64, shape ``(instances,)``), in one pass of the loop's prox: the watchdog's
+    residual (:func:`torch_l2o.optim.watchdog.check`, whose PyTorch expression takes ~10
+    passes); ``None`` declines (the caller computes it in PyTorch)."""
+    if not _serving() or not ys:
+        return None
+    code = kernel_prox(prox, params)
+    lr_ops = _operands([list(ys), list(gs)], list(lrs)) if code is not None else None
+    lib = compile_library(_HELPERS) if lr_ops is not None else None
+    if lib is None:
+        return None
+    inst = _instance_count(ys[0], instance_dims)
+    out, part = torch.zeros(inst, dtype=torch.float64), torch.empty(inst, dtype=torch.float64)
+    fn = lib.l2o_residuals_f32 if ys[0].dtype == torch.float32 else lib.l2o_residuals_f64
+    for y, g, (lr_t, div, lr_s) in zip(ys, gs, lr_ops):
+        if y.numel():
+            args = _Args(n=y.numel(), y=y.data_ptr(), g=g.data_ptr(), lr=_ptr(lr_t), lr_div=div, lr_scalar=lr_s,
+                         prox=code[0], s0=code[1], s1=code[2])
+            fn(ctypes.byref(args), y.numel() // inst, part.data_ptr())
+            out += part
+    return out
+
+
+# A library for the reductions alone (any configuration holds them; this one compiles fastest)
+_HELPERS = {"KIND": 0, "LSTM": 0, "LAYERS": 1, "HID": 1, "MR": 0, "WIN": 1, "HEADS": 1, "GRADX": 0, "SCALED": 0}
+
+
+def _parameters(net: nn.Module) -> list[Tensor]:
+    """``list(net.parameters())`` without its module names: 9-19 us a step less for PA-GRU
+    and PA-MR (a small problem's whole step costs ~300 us)."""
+    out, stack = [], [net]
+    while stack:
+        m = stack.pop()
+        out.extend(p for p in m._parameters.values() if p is not None)
+        stack.extend(c for c in m._modules.values() if c is not None)
+    return out
+
+
 def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: Any, prox: str,
                      params: Any, step: int, instance_dims: int = 0) -> dict | None:
     """The fused step backend (see :mod:`torch_l2o.kernels.fused`); ``None`` declines."""
-    if _BACKEND != "compile" or kind not in KINDS or not ys:
-        return None
-    if (interpret_mode() and requested() != NAME) or torch.compiler.is_compiling():
+    if kind not in KINDS or not ys or not _serving():
         return None
     n_total = sum(y.numel() for y in ys)
     cfg = _config(kind, net)
@@ -872,16 +985,10 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
         return None
     prox_code, s0, s1 = code
     dtype = ys[0].dtype
-    if dtype not in DTYPES or len(gs) != len(ys) or len(xs) != len(ys):
-        return None
-    for y, g, x in zip(ys, gs, xs):
-        if not (y.device.type == g.device.type == x.device.type == "cpu" and y.dtype == g.dtype == x.dtype == dtype
-                and y.shape == g.shape == x.shape and y.is_contiguous() and g.is_contiguous() and x.is_contiguous()):
-            return None
-    lr_ops = lr_operands(lr, ys, dtype)  # the reference computes lr * p in the iterates' dtype
+    lr_ops = _operands([list(ys), list(gs), list(xs)], lr)
     if lr_ops is None:
         return None
-    weights = list(net.parameters())
+    weights = _parameters(net)
     if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in weights):
         return None
     grad = torch.is_grad_enabled()
@@ -917,12 +1024,18 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     aux = step_constants(kind, net, step)
     fn = lib.l2o_step_f32 if dtype == torch.float32 else lib.l2o_step_f64
     threads = torch.get_num_threads()
-    scales = input_scales(kind, net, ys, gs, lr, instance_dims)
     hold = int(kind == "pa" and getattr(net, "hold_fixed", False))  # every kernel prox is elementwise
+    inst = _instance_count(ys[0], instance_dims)
     off = 0
-    for y, g, x, (lr_t, div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
+    for y, g, x, (lr_t, div, lr_s) in zip(ys, gs, xs, lr_ops):
         n = y.numel()
         if n:
+            inv = None
+            if cfg["SCALED"]:  # 1 / sigma per instance of this tensor, one pass (the reference's reduction)
+                inv = torch.empty(inst, dtype=torch.float32)
+                scale = lib.l2o_scales_f32 if dtype == torch.float32 else lib.l2o_scales_f64
+                scale(ctypes.byref(_Args(n=n, y=y.data_ptr(), g=g.data_ptr(), lr=_ptr(lr_t), lr_div=div,
+                                         lr_scalar=lr_s)), n // inst, inv.data_ptr())
             args = _Args(
                 n=n, y=y.data_ptr(), g=g.data_ptr(), x=x.data_ptr(), lr=_ptr(lr_t), lr_div=div, lr_scalar=lr_s,
                 h=h.data_ptr() + 4 * off * H, c=c.data_ptr() + 4 * off * H if c is not None else None,

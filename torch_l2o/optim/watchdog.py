@@ -29,9 +29,9 @@ PA-MR on Gaussian ``A`` and ``b``, where half the instances oscillate at relativ
 L2O-DM and RNNProp have neither a prox-gradient map nor a step size to fall back with:
 for them :func:`watch_gradient` watches the gradient norm and only reports.
 
-Cost: one prox-gradient evaluation (an elementwise pass) and a per-instance norm per
-step, plus one copy of the parameters (``y*``); none once every instance of a group has
-fallen back (the optimizer then skips the network too). ``G`` is computed in the compute
+Cost: one prox-gradient evaluation and a per-instance norm per step (on CPU tensors one
+pass of the fused loop's prox, :func:`torch_l2o.kernels.cpu_step.prox_residuals`), plus
+one copy of the parameters (``y*``); none once every instance of a group has fallen back (the optimizer then skips the network too). ``G`` is computed in the compute
 dtype (float32 for bf16/fp16 parameters), not rounded to the storage dtype: at a
 half-precision fixed point it is the rounding's small residual, not 0, so a half-precision
 run near its floor is handed to FISTA-restart sooner.
@@ -48,6 +48,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
+from ..kernels.cpu_step import prox_residuals
 from ..kernels.reference import prox_point_reference
 from .functional import fista_update
 from .stepsize import instance_shape
@@ -112,10 +113,14 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
     if "watchdog" in s0 and bool(s0["watchdog"].all()):  # all fell back for good: nothing left to watch
         off = s0["watchdog"]
         return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, torch.zeros_like(off))
-    # G per instance in float64
+    # G per instance in float64: one pass of the fused CPU loop's prox where it serves
     shape = tuple(params[0].shape[:k])
-    G2 = _sq_norm(((prox_point_reference(y, g, lr, 1.0, prox, prox_params) - y) for y, g, lr in zip(ys, grads, lrs)),
-                  k, shape)
+    G2 = prox_residuals(ys, grads, lrs, prox, prox_params, k)
+    if G2 is not None:
+        G2 = G2.reshape(shape)
+    else:
+        G2 = _sq_norm(((prox_point_reference(y, g, lr, 1.0, prox, prox_params) - y) for y, g, lr in zip(ys, grads, lrs)),
+                      k, shape)
     step = lrs[0]  # read every step: lr=None estimates it, a scheduler may change it
     if isinstance(step, torch.Tensor):
         step = step.to(torch.float64)
