@@ -941,19 +941,34 @@ def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> T
         return None
     code = kernel_prox(prox, params)
     lr_ops = _operands([list(ys), list(gs)], list(lrs)) if code is not None else None
-    lib = compile_library(_HELPERS) if lr_ops is not None else None
+    lib = _helpers() if lr_ops is not None else None
     if lib is None:
         return None
     inst = _instance_count(ys[0], instance_dims)
-    out, part = torch.zeros(inst, dtype=torch.float64), torch.empty(inst, dtype=torch.float64)
+    out = torch.zeros(inst, dtype=torch.float64)
+    part = out if len(ys) == 1 else torch.empty(inst, dtype=torch.float64)
     fn = lib.l2o_residuals_f32 if ys[0].dtype == torch.float32 else lib.l2o_residuals_f64
     for y, g, (lr_t, div, lr_s) in zip(ys, gs, lr_ops):
         if y.numel():
             args = _Args(n=y.numel(), y=y.data_ptr(), g=g.data_ptr(), lr=_ptr(lr_t), lr_div=div, lr_scalar=lr_s,
                          prox=code[0], s0=code[1], s1=code[2])
             fn(ctypes.byref(args), y.numel() // inst, part.data_ptr())
-            out += part
+            if part is not out:
+                out += part
     return out
+
+
+_HELPER_LIB: list = []
+
+
+def _helpers() -> Any:
+    """The library of the reductions (loaded once; ``compile_library`` per call costs a lock)."""
+    if not _HELPER_LIB:
+        lib = compile_library(_HELPERS)
+        if lib is None:
+            return None
+        _HELPER_LIB.append(lib)
+    return _HELPER_LIB[0]
 
 
 # A library for the reductions alone (any configuration holds them; this one compiles fastest)
