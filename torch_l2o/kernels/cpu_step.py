@@ -1004,7 +1004,12 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     if lr_ops is None:
         return None
     weights = _parameters(net)
-    if any(p.dtype != torch.float32 or p.device.type != "cpu" for p in weights):
+    # float32 CPU weights, checked when they are packed (a cast or a move changes the
+    # storage, so the packed copy's key): a step with the same weights skips the walk
+    w = packed_weights(_PACKED, net, lambda n: _pack(n, cfg) if all(
+        p.dtype == torch.float32 and p.device.type == "cpu" for p in weights) else None,
+        extra=tuple(cfg.items()), params=weights)
+    if w is None:
         return None
     grad = torch.is_grad_enabled()
     if grad and any(p.requires_grad for p in weights):
@@ -1033,7 +1038,6 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     new = dict(state)
     for k in names:
         new[k] = state[k].contiguous()
-    w = packed_weights(_PACKED, net, lambda n: _pack(n, cfg), extra=tuple(cfg.items()), params=weights)
     h, c = new["h"], new.get("c")
     m, v, win = new.get("m"), new.get("v"), new.get("window")
     aux = step_constants(kind, net, step)
