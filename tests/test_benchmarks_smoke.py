@@ -125,3 +125,23 @@ def test_run_method_warms_up_on_a_separate_optimizer():
     assert len(built) == 2 + 1 and WARMUP_ITERS > 0
     assert warm.errors == cold.errors and len(warm.seconds) == 8
     assert built[-1].state[next(iter(built[-1].state))]["step"] == 7  # the timed optimizer took 7 steps, no more
+
+
+def test_ood_seconds_summary_ranks_by_time():
+    """The seconds table: each method's seconds to 1e-6 over FISTA-restart's per set, the
+    median, the worst, and on how many sets it took less time."""
+    from suites import ood
+
+    def rows(base, **secs):
+        return [{"method": ood.BASELINE, "s@1e-06": base}] + [{"method": m, "s@1e-06": v} for m, v in secs.items()]
+
+    per_set = {"a": rows(1.0, **{"L2O-PA-GRU mix": 0.5}), "b": rows(2.0, **{"L2O-PA-GRU mix": 3.0}),
+               "c": rows(None, **{"L2O-PA-GRU mix": 1.0}), "d": rows(4.0, **{"L2O-PA-GRU mix": None})}
+    table, notes = ood.summary(per_set, iters=200, key="s@1e-06")
+    by = {r["set"]: r for r in table}
+    assert by["a"]["L2O-PA-GRU mix"] == 0.5 and by["c"]["L2O-PA-GRU mix"] == "n/a (FR never)"
+    assert by["d"]["L2O-PA-GRU mix"] == "never" and "PA-MR beats PA" not in by["a"]
+    med = next(r for r in table if r["set"].startswith("median"))
+    won = next(r for r in table if r["set"].startswith("sets won"))
+    assert med["L2O-PA-GRU mix"] == 1.5 and by["worst"]["L2O-PA-GRU mix"] == "never"  # median of (0.5, 1.5, inf)
+    assert won["L2O-PA-GRU mix"] == 1 and "seconds" in notes[0]

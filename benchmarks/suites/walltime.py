@@ -3,7 +3,8 @@
 Seconds and iterations to mean relative error 1e-4 and 1e-6, and ms per iteration, for
 FISTA with adaptive restart (the headline baseline, first in every block), plain FISTA,
 the learned optimizers with shipped LASSO weights (L2O-PA, L2O-PA-GRU, L2O-PA-MR;
-trained on 250 x 500, so larger sizes are out of distribution for them), scikit-learn's
+trained on 250 x 500, so larger sizes are out of distribution for them; PA-GRU and PA-MR
+also with ``hold_fixed=False``, every coordinate's network run at every step), scikit-learn's
 ``Lasso`` and skglm's ``Lasso`` (when installed). Rows, ``instances x (m x n)``:
 
 * on CUDA, and with ``--full`` on any device: 1024 x (250 x 500), 64 x (1000 x 2000),
@@ -125,8 +126,15 @@ def _torch_methods(s) -> dict:
         HEADLINE: lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.1, lr=s, restart=True),
         "FISTA": lambda ps: torch_l2o.FISTA(ps, prox="l1", lam=0.1, lr=s),
     }
-    for label, _, cls in shipped("lasso", ("pa", "pagru", "pamr")):
+    learned = shipped("lasso", ("pa", "pagru", "pamr"))
+    for label, _, cls in learned:
         methods[label] = lambda ps, cls=cls: cls(ps, prox="l1", lam=0.1, lr=s, weights="lasso", instance_dims=1)
+    # the papers' recurrence (every coordinate's state steps): what holding the converged
+    # coordinates (the default hold_fixed) saves, within this run
+    for label, _, cls in learned:
+        if label != "L2O-PA":
+            methods[f"{label} hold_fixed=False"] = lambda ps, cls=cls: cls(
+                ps, prox="l1", lam=0.1, lr=s, weights="lasso", instance_dims=1, hold_fixed=False)
     return methods
 
 
