@@ -353,9 +353,6 @@ def _serves(kind: str, net: nn.Module) -> bool:
 
 
 def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step, instance_dims=0):
-    # The pa kind with hold_fixed takes the held coordinates from the reference's own test
-    # (torch_l2o.optim.functional.held_coordinates, a few elementwise passes): computed in
-    # the kernel, fused multiply-adds could round a converged coordinate's test otherwise.
     """The fused step backend (see :mod:`torch_l2o.kernels.fused`); ``None`` declines."""
     if not HAVE_TRITON or kind not in KINDS or not _serves(kind, net):
         return None
@@ -398,6 +395,9 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
     off, block = 0, CONFIG["BLOCK"]
     scales = input_scales(kind, net, ys, gs, lr, instance_dims)
     scaled = any(inv is not None for inv in scales)  # False for an empty tensor list too
+    # hold_fixed: the held coordinates come from the reference's own test (a few elementwise
+    # passes); computed in the kernel, fused multiply-adds could round a converged
+    # coordinate's test otherwise
     held = None
     if kind == "pa" and getattr(net, "hold_fixed", False):
         from ..optim.functional import held_coordinates

@@ -33,7 +33,8 @@ from ..kernels.reference import prox_point_reference
 from ..nets import run_network
 from .stepsize import instance_shape, instance_sum
 
-__all__ = ["ista_update", "fista_update", "fista_momentum", "pa_features", "pa_input_scale", "pa_update", "held_coordinates", "dm_update", "rnnprop_update", "mathgd_update"]
+__all__ = ["ista_update", "fista_update", "fista_momentum", "pa_features", "pa_input_scale", "pa_update",
+           "held_coordinates", "dm_update", "rnnprop_update", "mathgd_update"]
 
 
 def ista_update(
