@@ -265,6 +265,8 @@ class ProxOptimizer(Optimizer):
         flat = [(group, p, g) for group, ps, gs in work for p, g in zip(ps, gs) if g.device.type != "meta"]
         if not flat:
             return False
+        if len(flat) == 1 and bool(_all_finite(flat[0][2])):  # one tensor: no stack and copy (~10 us)
+            return False
         finite = torch.stack([_all_finite(g) for _, _, g in flat]).cpu()
         if bool(finite.all()):
             return False
