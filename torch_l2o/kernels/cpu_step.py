@@ -14,6 +14,17 @@ rows are read and written with plain vector loads and stores, transposed in regi
 (gathers and scatters had cost 15-40 % of a step). The reference instead streams
 ``(N, 4H)`` gate matrices through memory.
 
+With the PA networks' ``hold_fixed`` (the default) a coordinate at a fixed point of the
+prox-gradient map keeps its iterates and state (:func:`~torch_l2o.optim.functional.pa_update`):
+the loop lists the other coordinates per chunk of 1024 and steps only them, their state
+rows read and written by index (a contiguous run of a tile's width still moves as whole
+vectors). The test is rounded op by op as the reference rounds it (no fused multiply-adds:
+converged float32 coordinates sit on exact fixed points, and the loop must hold exactly
+the reference's). On sparse problems 80-90 % of the coordinates are held late in a run,
+and the step costs 4-6x less. The same library computes two per-instance reductions in one
+pass each: the watchdog's prox-gradient residual (:func:`prox_residuals`) and the scaled
+inputs' ``1 / sigma``.
+
 It computes the reference's mathematics, not its bits: the same formulas in float32
 (the step in the iterates' dtype) with Cephes-style ``exp``/``tanh`` (~1 ulp), fused
 multiply-adds, other summation orders, and PA-MR's attention re-associated
