@@ -810,14 +810,18 @@ def _build(defines: dict[str, int]) -> Any:
             except OSError as e:
                 err = str(e)
                 continue
-            lib.l2o_args_size.restype = ctypes.c_int64
-            if lib.l2o_args_size() != ctypes.sizeof(_Args):
-                err = "argument layout mismatch"
+            try:
+                lib.l2o_args_size.restype = ctypes.c_int64
+                if lib.l2o_args_size() != ctypes.sizeof(_Args):
+                    err = "argument layout mismatch"
+                    continue
+                for fn in (lib.l2o_step_f32, lib.l2o_step_f64):
+                    fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], None
+                for fn in (lib.l2o_residuals_f32, lib.l2o_residuals_f64, lib.l2o_scales_f32, lib.l2o_scales_f64):
+                    fn.argtypes, fn.restype = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_void_p], None
+            except AttributeError as e:  # a library from other source (benchmarks/cpu_step_timing.py --against)
+                err = str(e)
                 continue
-            for fn in (lib.l2o_step_f32, lib.l2o_step_f64):
-                fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], None
-            for fn in (lib.l2o_residuals_f32, lib.l2o_residuals_f64, lib.l2o_scales_f32, lib.l2o_scales_f64):
-                fn.argtypes, fn.restype = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_void_p], None
             return lib
     if not _WARNED:
         _WARNED = True
