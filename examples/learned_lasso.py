@@ -11,12 +11,12 @@ problem unlike that family (correlated columns, Toeplitz 0.8): there the default
 watchdog may move instances to FISTA-restart steps (it warns), and the weights trained on a
 broad mixture, ``weights="lasso-mix"``, are the better choice. 10-20 s on two cores.
 
-Read the seconds plainly: on a CPU at 250 x 500 a learned step costs about what the
-iterations it saves cost (the network does several times the gradient's work per
-coordinate). In the family PA-GRU is a little ahead of FISTA-restart in seconds (0.86-0.93x
-in two runs on a 2-core CPU) and PA-MR, whose step costs twice PA-GRU's, behind (1.3-1.4x);
-out of it FISTA-restart is faster (2-3x). The learned optimizers win clearly in seconds
-where the gradient dominates (4000 x 8000: ``benchmarks/RESULTS.md``).
+Read the seconds plainly: on a CPU at 250 x 500 a learned step costs more than a
+FISTA-restart step (the network does several times the gradient's work per coordinate,
+though only on the coordinates not yet settled at zero: ``hold_fixed``). In the family
+PA-GRU takes about 0.8x FISTA-restart's seconds and PA-MR 0.9x (one run on a 2-core CPU);
+on the correlated problems PA-MR with the mixture weights needs fewer iterations but about
+1.4x the seconds. ``benchmarks/RESULTS.md`` has the measured figures at other sizes.
 """
 
 import time
