@@ -253,7 +253,13 @@ class ProxLearnedOptimizer(LearnedOptimizer):
     :mod:`torch_l2o.optim.stepsize`): the multiplier calibrated for the weights on their
     held instances where their card records one (``auto_lr_scale``), else 0.5. With a
     closure (backtracking) the multiplier is capped at 1: ``1/L_k`` is then a step that
-    passed the descent lemma, which the safeguard's guarantee needs."""
+    passed the descent lemma, which the safeguard's guarantee needs.
+
+    The PA family's network option ``hold_fixed=True`` (default) keeps the iterates and
+    recurrent state of the coordinates at a fixed point of the prox-gradient map (for
+    LASSO: zero with ``|g| <= lam``), where the step moves nothing whatever the network
+    says; the fused CPU step then skips their network (3-6x cheaper on sparse problems).
+    ``hold_fixed=False``: the papers' recurrence (:func:`~torch_l2o.optim.functional.pa_update`)."""
 
     # lr=None: the network's p in (0, 2) scales the step, so half the estimated 1/L unless
     # the weights' card says otherwise (pretrained/train.py --calibrate-step measures it)
