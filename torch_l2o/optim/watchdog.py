@@ -31,10 +31,13 @@ for them :func:`watch_gradient` watches the gradient norm and only reports.
 
 Cost: one prox-gradient evaluation and a per-instance norm per step (on CPU tensors one
 pass of the fused loop's prox, :func:`torch_l2o.kernels.cpu_step.prox_residuals`), plus
-one copy of the parameters (``y*``); none once every instance of a group has fallen back (the optimizer then skips the network too). ``G`` is computed in the compute
-dtype (float32 for bf16/fp16 parameters), not rounded to the storage dtype: at a
-half-precision fixed point it is the rounding's small residual, not 0, so a half-precision
-run near its floor is handed to FISTA-restart sooner.
+one copy of the parameters (``y*``); none once every instance of a group has fallen back
+(the optimizer then skips the network too). ``G`` is computed in the compute dtype
+(float32 for bf16/fp16 parameters), not rounded to the storage dtype: at a half-precision
+fixed point it is the rounding's small residual, not 0, so a half-precision run near its
+floor is handed to FISTA-restart sooner. The per-instance bookkeeping runs in numpy on the
+records' memory on the CPU (:func:`_records`; torch's dispatch made it a third of a small
+problem's learned step), in torch on a GPU.
 """
 
 from __future__ import annotations
