@@ -973,6 +973,8 @@ def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> T
     return out
 
 
+# A library for the reductions alone (any configuration holds them; this one compiles fastest)
+_HELPERS = {"KIND": 0, "LSTM": 0, "LAYERS": 1, "HID": 1, "MR": 0, "WIN": 1, "HEADS": 1, "GRADX": 0, "SCALED": 0}
 _HELPER_LIB: list = []
 
 
@@ -984,10 +986,6 @@ def _helpers() -> Any:
             return None
         _HELPER_LIB.append(lib)
     return _HELPER_LIB[0]
-
-
-# A library for the reductions alone (any configuration holds them; this one compiles fastest)
-_HELPERS = {"KIND": 0, "LSTM": 0, "LAYERS": 1, "HID": 1, "MR": 0, "WIN": 1, "HEADS": 1, "GRADX": 0, "SCALED": 0}
 
 
 def _parameters(net: nn.Module) -> list[Tensor]:
