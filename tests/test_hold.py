@@ -186,3 +186,25 @@ def test_a_held_run_reaches_the_same_minimiser():
         sols.append(opt.solution(x))
     assert (sols[0] - sols[1]).abs().max() <= 1e-4 * sols[1].abs().max()
     assert ((sols[0] == 0) == (sols[1] == 0)).all()
+
+
+def test_a_saved_file_leaves_the_inference_option_to_the_loader(tmp_path):
+    """``hold_fixed`` is not a property of the weights: a saved header omits it (a file
+    loads in versions without the option), the card records what its figures ran with, and
+    the loader picks either value."""
+    import json
+
+    from safetensors import safe_open
+
+    from torch_l2o.weights import build_network, save_weights
+
+    net = build_network("pagru", "lasso")[0]
+    net.hold_fixed = False
+    path = save_weights(tmp_path / "w.safetensors", net, "pagru", card={"note": "test"})
+    with safe_open(str(path), "pt") as h:
+        assert "hold_fixed" not in json.loads(h.metadata()["config"])
+    assert json.loads(path.with_suffix(".json").read_text())["config"]["hold_fixed"] is False
+    assert build_network("pagru", str(path))[0].hold_fixed is True
+    again = build_network("pagru", str(path), hold_fixed=False)[0]
+    assert again.hold_fixed is False
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(), net.state_dict().values()))

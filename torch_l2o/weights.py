@@ -84,7 +84,10 @@ def save_weights(path: str | Path, net: CoordinateNet, arch: str, card: Mapping[
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous() for k, v in net.state_dict().items()}
-    meta = {"arch": arch, "config": json.dumps(net.config(), sort_keys=True), "torch_l2o": __version__}
+    # the header holds what the weights must be loaded with; an inference option (hold_fixed)
+    # is the loader's choice, and left out a file loads in versions without the option
+    config = {k: v for k, v in net.config().items() if k not in getattr(net, "inference_options", ())}
+    meta = {"arch": arch, "config": json.dumps(config, sort_keys=True), "torch_l2o": __version__}
     save_file(tensors, str(path), metadata=meta)
     if card is not None:
         full = {"arch": arch, "architecture": get_architecture(arch).display_name, "config": net.config(),
