@@ -49,10 +49,15 @@ class CoordinateNet(nn.Module):
 
     def coordinate_dims(self) -> dict[str, int | None]:
         """Per state entry, the dim that indexes coordinates; ``None`` for an entry shared
-        by all coordinates (a counter). Read off :meth:`init_state`."""
-        one, two = self.init_state(1), self.init_state(2)
-        return {k: next((d for d, (i, j) in enumerate(zip(one[k].shape, two[k].shape)) if i != j), None)
-                for k in one}
+        by all coordinates (a counter). Read off :meth:`init_state` once: the constructor's
+        choices fix it, and the update functions ask at every step."""
+        dims = self.__dict__.get("_coordinate_dims")
+        if dims is None:
+            one, two = self.init_state(1), self.init_state(2)
+            dims = {k: next((d for d, (i, j) in enumerate(zip(one[k].shape, two[k].shape)) if i != j), None)
+                    for k in one}
+            self.__dict__["_coordinate_dims"] = dims
+        return dict(dims)
 
     def block(self, b: int) -> "CoordinateNet":
         """The network that moves variable block ``b`` (one shared network: itself)."""

@@ -400,10 +400,9 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
     # coordinate's test otherwise
     held = None
     if kind == "pa" and getattr(net, "hold_fixed", False):
-        from ..optim.functional import held_coordinates
+        from ..optim.functional import _lrs, held_coordinates
 
-        held = held_coordinates(ys, gs, xs, list(lr) if isinstance(lr, (list, tuple)) else [lr] * len(ys), prox,
-                                params).view(torch.uint8)
+        held = held_coordinates(ys, gs, xs, _lrs(lr, len(ys)), prox, params).view(torch.uint8)
     for y, g, x, (lr_t, lr_div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
         n = y.numel()
         if n:

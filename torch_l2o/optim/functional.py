@@ -31,6 +31,7 @@ from ..kernels import prox_grad_step
 from ..kernels.fused import fused_update
 from ..kernels.reference import prox_point_reference
 from ..nets import run_network
+from ..prox import get_prox
 from .stepsize import instance_shape, instance_sum
 
 __all__ = ["ista_update", "fista_update", "fista_momentum", "pa_features", "pa_input_scale", "pa_update",
@@ -235,8 +236,6 @@ def held_coordinates(ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Te
     (y - s g)` in the iterates' arithmetic: where :func:`pa_update` with ``hold_fixed``
     keeps iterates and state. ``None`` for a prox that is not a built-in elementwise one
     (for a group or matrix prox a per-coordinate fixed point means nothing)."""
-    from ..prox import get_prox
-
     if get_prox(prox).kernel is None:
         return None
     with torch.no_grad():
