@@ -444,6 +444,78 @@ def test_watchdog_residuals_match_reference(prox, dtype):
                               prox, PROX[prox], 1) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("per_instance_lr", [False, True])
+def test_watchdog_records_in_one_call_match_the_numpy_rule(dtype, per_instance_lr):
+    """``watch_records`` (residual, records, best point and verdict in one call of the loop's
+    library) against the rule's definition (``watchdog._records`` in numpy on
+    ``prox_residuals``), over 45 steps in which instances behave, jump 100x, turn NaN or
+    stall: every record, the best points and the verdicts agree exactly."""
+    import numpy as np
+
+    from torch_l2o.kernels.cpu_step import prox_residuals, watch_records
+    from torch_l2o.optim import watchdog as W
+
+    B, n = 6, 37
+    gen = torch.Generator().manual_seed(3)
+    lr = torch.tensor([0.05, 0.2, 0.01, 0.1, 0.3, 0.07], dtype=dtype).reshape(B, 1) if per_instance_lr else 0.05
+    eps = torch.finfo(dtype).eps
+    y0, g0 = torch.randn(B, n, generator=gen, dtype=dtype), torch.randn(B, n, generator=gen, dtype=dtype)
+    with use_fused("cpu"):
+        G0 = W._residual(torch, prox_residuals([y0], [g0], [lr], "l1", PROX["l1"], 1), lr, (B,))
+    recs = [dict(wd_G0=G0.clone(), wd_min=G0.clone(), wd_mark=G0.clone(),
+                 wd_since=torch.zeros(B, dtype=torch.int64), watchdog=torch.zeros(B, dtype=torch.bool)) for _ in "ab"]
+    bests = [y0.clone(), y0.clone()]
+    fallen = []
+    for k in range(45):
+        y = torch.randn(B, n, generator=gen, dtype=dtype)
+        shrink = torch.tensor([0.8 ** k, 0.9 ** k, 1.0, 0.7 ** k, 0.8 ** k, 0.95 ** k], dtype=dtype).reshape(B, 1)
+        y, g = y * shrink, torch.randn(B, n, generator=gen, dtype=dtype) * shrink  # instance 2 stalls
+        if k == 12:
+            g[1] *= 1e3  # a jump
+        if k == 20:
+            g[4, 3] = float("nan")
+        with use_fused("cpu"):
+            count, new = watch_records(y, g, lr, "l1", PROX["l1"], 1, recs[0], bests[0], W._rule(eps))
+            G2 = prox_residuals([y], [g], [lr], "l1", PROX["l1"], 1)
+        rec = {key: W._host(v) for key, v in recs[1].items()}
+        better, new_ref = W._records(np, W._residual(np, W._host(G2), lr, (B,)), rec, eps)
+        bests[1] = torch.where(torch.as_tensor(better).reshape(B, 1), y, bests[1])
+        assert torch.equal(new, torch.as_tensor(new_ref))
+        assert count == int((recs[1]["watchdog"] | new).sum())
+        for key in recs[0]:
+            assert torch.equal(recs[0][key], recs[1][key]), (k, key)
+        assert torch.equal(bests[0], bests[1])
+        for r in recs:
+            r["watchdog"] |= new  # as the fallback marks them
+        fallen.append(new)
+    fell = torch.stack(fallen).any(0)
+    assert fell.tolist() == [False, True, True, False, True, False]  # the jump, the stall, the NaN
+
+
+def test_watchdog_records_decline_what_they_do_not_serve():
+    """Records cast by a state_dict round trip, a best point of another dtype, a step of
+    another shape, a prox without a kernel code: declined, nothing written."""
+    from torch_l2o.kernels.cpu_step import watch_records
+    from torch_l2o.optim import watchdog as W
+
+    y, g = torch.randn(3, 8), torch.randn(3, 8)
+    rec = dict(wd_G0=torch.ones(3, dtype=torch.float64), wd_min=torch.full((3,), 1e9, dtype=torch.float64),
+               wd_mark=torch.ones(3, dtype=torch.float64), wd_since=torch.zeros(3, dtype=torch.int64),
+               watchdog=torch.zeros(3, dtype=torch.bool))
+    best = y.clone()
+    rule = W._rule(torch.finfo(torch.float32).eps)
+    with use_fused("cpu"):
+        cast = dict(rec, wd_min=rec["wd_min"].float())
+        assert watch_records(y, g, 0.1, "l1", PROX["l1"], 1, cast, best, rule) is None
+        assert watch_records(y, g, 0.1, "l1", PROX["l1"], 1, rec, best.double(), rule) is None
+        assert watch_records(y, g, torch.full((2, 1), 0.1), "l1", PROX["l1"], 1, rec, best, rule) is None
+        assert watch_records(y, g, 0.1, "group_l1", {"lam": 0.1}, 1, rec, best, rule) is None
+        assert torch.equal(rec["wd_min"], torch.full((3,), 1e9, dtype=torch.float64))
+    with use_fused(False):
+        assert watch_records(y, g, 0.1, "l1", PROX["l1"], 1, rec, best, rule) is None
+
+
 def test_the_watchdog_on_the_loop_catches_what_it_catches_on_the_reference():
     """The issue's lam / 5 case (PA, LASSO 250 x 500 at lam 0.02): the watchdog, its
     residual computed by the loop, flags the same instances as with the PyTorch reference

@@ -21,9 +21,10 @@ rows read and written by index (a contiguous run of a tile's width still moves a
 vectors). The test is rounded op by op as the reference rounds it (no fused multiply-adds:
 converged float32 coordinates sit on exact fixed points, and the loop must hold exactly
 the reference's). On sparse problems 80-90 % of the coordinates are held late in a run,
-and the step costs 4-6x less. The same library computes two per-instance reductions in one
-pass each: the watchdog's prox-gradient residual (:func:`prox_residuals`) and the scaled
-inputs' ``1 / sigma``.
+and the step costs 4-6x less. The same library computes per-instance reductions in one
+pass each: the watchdog's prox-gradient residual (:func:`prox_residuals`; with the
+watchdog's records, best point and verdict for a group of one tensor,
+:func:`watch_records`) and the scaled inputs' ``1 / sigma``.
 
 It computes the reference's mathematics, not its bits: the same formulas in float32
 (the step in the iterates' dtype) with Cephes-style ``exp``/``tanh`` (~1 ulp), fused
@@ -81,7 +82,7 @@ from . import fused
 from .fused import kernel_prox, lr_operands, packed_weights, register_step_backend, requested, step_constants
 from .triton_step import interpret_mode
 
-__all__ = ["compile_library", "cpu_learned_step", "prox_residuals", "set_cpu_step_backend"]
+__all__ = ["compile_library", "cpu_learned_step", "prox_residuals", "set_cpu_step_backend", "watch_records"]
 
 NAME = "cpu"
 MAX_HIDDEN = 128  # the tile keeps O(hidden) vectors on the stack
@@ -97,6 +98,7 @@ _SOURCE = r"""
 #include <stdint.h>
 #include <math.h>
 #include <float.h>
+#include <string.h>
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif
@@ -651,21 +653,23 @@ static void run(const Args& a) {
 // as the reference sums it (torch_l2o.optim.watchdog), and the scaled inputs' 1 / sigma,
 // sigma = RMS max(|y|, |s g|) (torch_l2o.optim.functional._input_scale; 0 for sigma = 0)
 template <typename R>
-static void residuals(const Args& a, int64_t per, double* out) {
+static double residual(const Args& a, int64_t lo, int64_t hi) {  // over coordinates lo..hi-1
   typedef typename Lanes<R>::V V;
   const R* y = (const R*)a.y;
   const R* g = (const R*)a.g;
-  for (int64_t b = 0; b * per < a.n; b++) {
-    double acc = 0.0;
-    for (int64_t i0 = b * per; i0 < (b + 1) * per; i0 += T) {
-      const int cnt = (b + 1) * per - i0 < T ? (int)((b + 1) * per - i0) : T;
-      const V yv = load_lanes<V>(y + i0, cnt), gv = load_lanes<V>(g + i0, cnt);
-      const V lrv = a.lr ? per_lane<V>((const R*)a.lr, a.lr_div, i0, cnt) : vsplat<V>((R)a.lr_scalar);
-      const V r = prox_point<R>(a.prox, yv, gv, lrv, (R)a.s0, (R)a.s1) - yv;
-      for (int t = 0; t < cnt; t++) acc += (double)r[t] * (double)r[t];
-    }
-    out[b] = acc;
+  double acc = 0.0;
+  for (int64_t i0 = lo; i0 < hi; i0 += T) {
+    const int cnt = hi - i0 < T ? (int)(hi - i0) : T;
+    const V yv = load_lanes<V>(y + i0, cnt), gv = load_lanes<V>(g + i0, cnt);
+    const V lrv = a.lr ? per_lane<V>((const R*)a.lr, a.lr_div, i0, cnt) : vsplat<V>((R)a.lr_scalar);
+    const V r = prox_point<R>(a.prox, yv, gv, lrv, (R)a.s0, (R)a.s1) - yv;
+    for (int t = 0; t < cnt; t++) acc += (double)r[t] * (double)r[t];
   }
+  return acc;
+}
+template <typename R>
+static void residuals(const Args& a, int64_t per, double* out) {
+  for (int64_t b = 0; b * per < a.n; b++) out[b] = residual<R>(a, b * per, (b + 1) * per);
 }
 template <typename R>
 static void scales(const Args& a, int64_t per, float* out) {
@@ -684,12 +688,53 @@ static void scales(const Args& a, int64_t per, float* out) {
   }
 }
 
+// The watchdog's per-instance bookkeeping for a group of one tensor, after the residual
+// above (torch_l2o.optim.watchdog._records defines it, in numpy and torch): G = sqrt(G2) / s
+// (NaN -> inf, inf -> DBL_MAX, as torch.nan_to_num), the running minimum, its mark and the
+// steps since it halved updated in place, the best point copied where G is a new minimum,
+// fresh[b] set where the instance diverges or stalls now. Returns the number of instances
+// fallen back, before or now. Rounded op by op as numpy rounds (no contraction).
+struct Watch {  // mirrored by cpu_step.py's _Watch
+  const double* step; double step_scalar;     // s per instance, or one number (step == NULL)
+  double* wd_min; double* wd_mark; const double* wd_G0; int64_t* since;
+  const uint8_t* off; uint8_t* fresh; void* best;
+  double kappa, jump_floor, stall_floor; int64_t patience;
+};
+#pragma GCC push_options
+#pragma GCC optimize("fp-contract=off")
+template <typename R>
+static int64_t watch(const Args& a, int64_t per, const Watch& w) {
+  int64_t count = 0;
+  for (int64_t b = 0; b * per < a.n; b++) {
+    double G = sqrt(residual<R>(a, b * per, (b + 1) * per)) / (w.step ? w.step[b] : w.step_scalar);
+    G = G != G ? INFINITY : (G > DBL_MAX ? DBL_MAX : G);
+    const bool off = w.off[b] != 0;
+    const double up = w.kappa * w.wd_min[b], floor = w.jump_floor * w.wd_G0[b];
+    const bool jump = G > (up > floor ? up : floor);
+    const bool better = G < w.wd_min[b] && !(off || jump);
+    if (better) {
+      w.wd_min[b] = G;
+      memcpy((R*)w.best + b * per, (const R*)a.y + b * per, sizeof(R) * per);
+    }
+    const bool halved = w.wd_min[b] <= 0.5 * w.wd_mark[b];
+    if (halved) w.wd_mark[b] = w.wd_min[b];
+    w.since[b] = halved ? 0 : w.since[b] + 1;
+    const bool stall = w.since[b] >= w.patience && w.wd_min[b] > w.stall_floor * w.wd_G0[b];
+    w.fresh[b] = (jump || stall) && !off;
+    count += off || w.fresh[b];
+  }
+  return count;
+}
+#pragma GCC pop_options
+
 extern "C" void l2o_step_f32(const Args* a) { run<float>(*a); }
 extern "C" void l2o_step_f64(const Args* a) { run<double>(*a); }
 extern "C" void l2o_residuals_f32(const Args* a, int64_t per, double* out) { residuals<float>(*a, per, out); }
 extern "C" void l2o_residuals_f64(const Args* a, int64_t per, double* out) { residuals<double>(*a, per, out); }
 extern "C" void l2o_scales_f32(const Args* a, int64_t per, float* out) { scales<float>(*a, per, out); }
 extern "C" void l2o_scales_f64(const Args* a, int64_t per, float* out) { scales<double>(*a, per, out); }
+extern "C" int64_t l2o_watch_f32(const Args* a, int64_t per, const Watch* w) { return watch<float>(*a, per, *w); }
+extern "C" int64_t l2o_watch_f64(const Args* a, int64_t per, const Watch* w) { return watch<double>(*a, per, *w); }
 extern "C" int64_t l2o_args_size(void) { return (int64_t)sizeof(Args); }
 extern "C" int64_t l2o_lanes(void) { return T; }
 """
@@ -702,6 +747,14 @@ class _Args(ctypes.Structure):
                     ("h", "p"), ("c", "p"), ("lstride", "i"), ("m", "p"), ("v", "p"), ("win", "p"), ("filled", "i"),
                     ("w", "p"), ("prox", "i"), ("s0", "d"), ("s1", "d"), ("aux0", "d"), ("aux1", "d"), ("aux2", "d"),
                     ("ln_eps", "d"), ("nthreads", "i"), ("fs", "p"), ("fs_div", "i"), ("hold", "i"))]
+
+
+class _Watch(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_int64 if kind == "i" else ctypes.c_double if kind == "d" else ctypes.c_void_p)
+                for name, kind in (
+                    ("step", "p"), ("step_scalar", "d"), ("wd_min", "p"), ("wd_mark", "p"), ("wd_G0", "p"),
+                    ("since", "p"), ("off", "p"), ("fresh", "p"), ("best", "p"), ("kappa", "d"),
+                    ("jump_floor", "d"), ("stall_floor", "d"), ("patience", "i"))]
 
 
 # ---------------------------------------------------------------- switch
@@ -819,6 +872,8 @@ def _build(defines: dict[str, int]) -> Any:
                     fn.argtypes, fn.restype = [ctypes.POINTER(_Args)], None
                 for fn in (lib.l2o_residuals_f32, lib.l2o_residuals_f64, lib.l2o_scales_f32, lib.l2o_scales_f64):
                     fn.argtypes, fn.restype = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.c_void_p], None
+                for fn in (lib.l2o_watch_f32, lib.l2o_watch_f64):
+                    fn.argtypes, fn.restype = [ctypes.POINTER(_Args), ctypes.c_int64, ctypes.POINTER(_Watch)], ctypes.c_int64
             except AttributeError as e:  # a library from other source (benchmarks/cpu_step_timing.py --against)
                 err = str(e)
                 continue
@@ -971,6 +1026,51 @@ def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> T
             if part is not out:
                 out += part
     return out
+
+
+def watch_records(y: Tensor, g: Tensor, lr: Any, prox: str, params: Any, instance_dims: int, rec: dict,
+                  best: Tensor, rule: tuple[float, float, float, int]) -> tuple[int, Tensor] | None:
+    """The watchdog's step for a group of one tensor in one call of the loop's library: the
+    residual, the records ``rec`` (``wd_min``, ``wd_mark``, ``wd_G0``, ``wd_since``,
+    ``watchdog``) updated in place as :func:`torch_l2o.optim.watchdog._records` updates them,
+    ``best`` overwritten where an instance reached a new minimum. ``rule``: ``(kappa,
+    jump_floor, stall_floor, patience)``. Returns the number of instances fallen back (before
+    or now) and the mask of those falling back now; ``None`` declines (records untouched).
+    On a small problem the PyTorch/numpy path costs ~150 us a step, more than the step."""
+    if not _serving():
+        return None
+    code = kernel_prox(prox, params)
+    lr_ops = _operands([[y], [g]], [lr]) if code is not None else None
+    lib = _helpers() if lr_ops is not None else None
+    if lib is None or not y.numel() or not (best.dtype == y.dtype and best.shape == y.shape and best.is_contiguous()):
+        return None
+    inst = _instance_count(y, instance_dims)
+    wd = [rec[key] for key in ("wd_min", "wd_mark", "wd_G0", "wd_since", "watchdog")]
+    for t, dt in zip(wd, (torch.float64,) * 3 + (torch.int64, torch.bool)):
+        # a state_dict round trip may have cast the records to the parameters' dtype
+        if t.dtype != dt or t.device.type != "cpu" or t.numel() != inst or not t.is_contiguous():
+            return None
+    step, scalar = None, 0.0
+    if isinstance(lr, Tensor):
+        if lr.numel() == 1:
+            scalar = float(lr)
+        elif lr.numel() == inst:
+            step = lr.detach().to(torch.float64).contiguous()
+        else:
+            return None
+    else:
+        scalar = float(lr)
+    fresh = torch.empty(rec["watchdog"].shape, dtype=torch.bool)
+    (lr_t, div, lr_s), = lr_ops
+    kappa, jump_floor, stall_floor, patience = rule
+    args = _Args(n=y.numel(), y=y.data_ptr(), g=g.data_ptr(), lr=_ptr(lr_t), lr_div=div, lr_scalar=lr_s,
+                 prox=code[0], s0=code[1], s1=code[2])
+    w = _Watch(step=_ptr(step), step_scalar=scalar, wd_min=wd[0].data_ptr(), wd_mark=wd[1].data_ptr(),
+               wd_G0=wd[2].data_ptr(), since=wd[3].data_ptr(), off=wd[4].data_ptr(), fresh=fresh.data_ptr(),
+               best=best.data_ptr(), kappa=kappa, jump_floor=jump_floor, stall_floor=stall_floor,
+               patience=patience)
+    fn = lib.l2o_watch_f32 if y.dtype == torch.float32 else lib.l2o_watch_f64
+    return int(fn(ctypes.byref(args), y.numel() // inst, ctypes.byref(w))), fresh
 
 
 # A library for the reductions alone (any configuration holds them; this one compiles fastest)

@@ -35,9 +35,12 @@ one copy of the parameters (``y*``); none once every instance of a group has fal
 (the optimizer then skips the network too). ``G`` is computed in the compute dtype
 (float32 for bf16/fp16 parameters), not rounded to the storage dtype: at a half-precision
 fixed point it is the rounding's small residual, not 0, so a half-precision run near its
-floor is handed to FISTA-restart sooner. The per-instance bookkeeping runs in numpy on the
-records' memory on the CPU (:func:`_records`; torch's dispatch made it a third of a small
-problem's learned step), in torch on a GPU.
+floor is handed to FISTA-restart sooner. The per-instance bookkeeping (:func:`_records`)
+runs in torch on a GPU and in numpy on the records' memory on the CPU; for a group of one
+CPU tensor the residual, the records and the best point's copy take one call of the fused
+loop's library (:func:`torch_l2o.kernels.cpu_step.watch_records`, tested against
+:func:`_records`): on a small problem the numpy path cost as much as the learned step's
+network (about 150 us against 60 us).
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ..kernels.cpu_step import prox_residuals
+from ..kernels.cpu_step import prox_residuals, watch_records
 from ..kernels.reference import prox_point_reference
 from .functional import fista_update
 from .stepsize import instance_shape
@@ -117,6 +120,14 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
     if "watchdog" in s0 and bool(_host(s0["watchdog"]).all()):  # all fell back for good: nothing left to watch
         off = s0["watchdog"]
         return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, torch.zeros_like(off))
+    eps = torch.finfo(params[0].dtype).eps
+    if "wd_min" in s0 and len(ys) == 1:  # the common case in one call of the fused CPU loop's library
+        done = watch_records(ys[0], grads[0], lrs[0], prox, prox_params, k, s0, states[0]["wd_best"], _rule(eps))
+        if done is not None:
+            count, new = done
+            if count == 0:
+                return None
+            return _verdict(ys, grads, states, lrs, prox, prox_params, k, extrapolates, name, s0, s0["watchdog"], new)
     # G per instance in float64: one pass of the fused CPU loop's prox where it serves
     shape = tuple(params[0].shape[:k])
     G2 = prox_residuals(ys, grads, lrs, prox, prox_params, k)
@@ -137,7 +148,7 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
     xp = np if cpu else torch
     rec = {key: _host(s0[key]) if cpu else s0[key] for key in ("wd_min", "wd_mark", "wd_since", "wd_G0", "watchdog")}
     G = _residual(xp, _host(G2) if cpu else G2, lrs[0], shape)
-    better, new = _records(xp, G, rec, torch.finfo(params[0].dtype).eps)
+    better, new = _records(xp, G, rec, eps)
     off = rec["watchdog"]
     if not cpu or better.any():
         b = torch.as_tensor(better) if cpu else better  # numpy gives scalars for 0-dim records
@@ -145,6 +156,13 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
             s["wd_best"] = torch.where(_per_instance(b, y, k), y, s["wd_best"])
     if not bool((off | new).any()):
         return None
+    return _verdict(ys, grads, states, lrs, prox, prox_params, k, extrapolates, name, s0, s0["watchdog"],
+                    torch.as_tensor(new) if cpu else new)
+
+
+def _verdict(ys, grads, states, lrs, prox, prox_params, k, extrapolates, name, s0, off, new) -> Plan:
+    """Some instance has fallen back (``off``) or falls back now (``new``): warn at the
+    group's first, and plan the fallback step."""
     if bool(new.any()) and not bool(off.any()):  # once per group: later instances are only counted
         warnings.warn(
             f"{name}: the learned step diverged or stalled on {int(new.sum())} instance(s) (prox-gradient "
@@ -154,8 +172,7 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
             "training family, or so ill-conditioned that the learned step gains nothing: see "
             "state[p]['watchdog'], or pass watchdog=False to turn this off.",
             RuntimeWarning, stacklevel=_user_stacklevel())
-    return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, s0["watchdog"],
-                     torch.as_tensor(new) if cpu else new)
+    return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, new)
 
 
 def _host(t: Tensor):
@@ -177,20 +194,26 @@ def _residual(xp, G2, step, shape):
     return np.where(np.isnan(G), np.inf, np.minimum(G, np.finfo(np.float64).max))
 
 
+def _rule(eps: float) -> tuple[float, float, float, int]:
+    """``(KAPPA, jump floor, stall floor, PATIENCE)`` for iterates of machine epsilon ``eps``."""
+    return KAPPA, KAPPA * max(EPS, 10 * eps), max(STALL_EPS, 100 * eps), PATIENCE
+
+
 def _records(xp, G, rec, eps):
     """Update the running minimum, its mark and the steps since it last halved, in place
     (``rec``: the arrays of ``wd_min``, ``wd_mark``, ``wd_since``, ``wd_G0``, ``watchdog``;
     numpy views or tensors, ``xp`` their module); returns ``better`` (a new minimum) and
     ``new`` (diverging or stalled now, not fallen back before)."""
     off, wd_min, G0 = rec["watchdog"], rec["wd_min"], rec["wd_G0"]
-    jump = G > xp.maximum(KAPPA * wd_min, (KAPPA * max(EPS, 10 * eps)) * G0)
+    kappa, jump_floor, stall_floor, patience = _rule(eps)
+    jump = G > xp.maximum(kappa * wd_min, jump_floor * G0)
     better = (G < wd_min) & ~(off | jump)
     wd_min[...] = xp.where(better, G, wd_min)
     halved = wd_min <= 0.5 * rec["wd_mark"]
     rec["wd_mark"][...] = xp.where(halved, wd_min, rec["wd_mark"])
     since = rec["wd_since"]
     since[...] = xp.where(halved, 0, since + 1)
-    stall = (since >= PATIENCE) & (wd_min > max(STALL_EPS, 100 * eps) * G0)
+    stall = (since >= patience) & (wd_min > stall_floor * G0)
     return better, (jump | stall) & ~off
 
 
