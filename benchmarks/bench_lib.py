@@ -87,6 +87,7 @@ def run_method(
     device: str = "cpu",
     stop_below: float | None = None,
     warmup: int = WARMUP_ITERS,
+    repeats: int = 1,
 ) -> Trace:
     """Run ``make_opt([x])`` for ``iters`` steps on every instance at once.
 
@@ -94,7 +95,9 @@ def run_method(
     instead of the smooth part. ``closure``: pass a closure to ``step`` (backtracking).
     ``stop_below``: stop early once the mean relative error is at most this (default:
     run all ``iters``). ``warmup``: iterations of a separate optimizer from ``make_opt``
-    on the same problem first, untimed and discarded (0: none).
+    on the same problem first, untimed and discarded (0: none). ``repeats``: run the same
+    iterations this many times in all, the others unscored, and keep per iteration the
+    least cumulative time (the iterates are the same; timing noise only adds).
     """
     if warmup > 0:
         run_method(name, problem, F_star, make_opt, warmup, composite_loss=composite_loss, closure=closure,
@@ -102,36 +105,48 @@ def run_method(
     p = problem.to(device=device, dtype=dtype)
     p64 = problem.to(device=device, dtype=torch.float64)
     F_star = F_star.to(device)
-    x = p.x0().requires_grad_(True)
-    opt = make_opt([x])
-    solution = getattr(opt, "solution", lambda q: q.detach())
     loss_fn = p.objective if composite_loss else p.smooth
 
-    def f():
-        opt.zero_grad()
-        val = loss_fn(x)
-        val.sum().backward()
-        return val
+    def start():
+        x = p.x0().requires_grad_(True)
+        opt = make_opt([x])
 
+        def f():
+            opt.zero_grad()
+            val = loss_fn(x)
+            val.sum().backward()
+            return val
+
+        def step() -> float:
+            sync(device)
+            t0 = time.perf_counter()
+            if closure:
+                opt.step(f)
+            else:
+                f()
+                opt.step()
+            sync(device)
+            return time.perf_counter() - t0
+
+        return x, opt, step
+
+    x, opt, step = start()
+    solution = getattr(opt, "solution", lambda q: q.detach())
     errors = [float(mean_relative_error(p64.objective(x.detach().double()), F_star))]
     seconds = [0.0]
-    elapsed = 0.0
     for _ in range(iters):
-        sync(device)
-        t0 = time.perf_counter()
-        if closure:
-            opt.step(f)
-        else:
-            f()
-            opt.step()
-        sync(device)
-        elapsed += time.perf_counter() - t0
+        seconds.append(seconds[-1] + step())
         with torch.no_grad():
             err = float(mean_relative_error(p64.objective(solution(x).double()), F_star))
         errors.append(err if math.isfinite(err) else float("inf"))
-        seconds.append(elapsed)
         if stop_below is not None and errors[-1] <= stop_below:
             break
+    for _ in range(repeats - 1):
+        _, _, step = start()
+        elapsed = 0.0
+        for k in range(1, len(seconds)):
+            elapsed += step()
+            seconds[k] = min(seconds[k], elapsed)
     return Trace(name, errors, seconds)
 
 

@@ -136,7 +136,8 @@ def _run(label, problem, F_star, make, closure, cfg, iters):
     try:
         with warnings.catch_warnings():  # the watchdog's warning: counted from its state below
             warnings.simplefilter("ignore")
-            tr = run_method(label, problem, F_star, make_and_keep, iters, closure=closure, device=cfg.device, **kw)
+            tr = run_method(label, problem, F_star, make_and_keep, iters, closure=closure, device=cfg.device,
+                            repeats=getattr(cfg, "repeats", 1), **kw)
     except FloatingPointError as e:  # nonfinite="raise": a non-finite gradient
         row.update({f"it@{t:.0e}": None for t in TARGETS}, **{"err@stop": f"diverged ({str(e)[:50]})"})
         return row, None
@@ -290,4 +291,6 @@ def run(cfg, auto: bool = False) -> dict:
     secs, secs_notes = summary(per_set, iters, key="s@1e-06")
     out_tables = {f"{tag}_sets": described, f"{tag}_summary": summ, f"{tag}_seconds": secs}
     out_tables.update(tables)
+    secs_notes = [n + f"; each method's seconds are the least of {getattr(cfg, 'repeats', 1)} timed run(s) (`--repeats`)"
+                  for n in secs_notes]
     return {"tables": out_tables, "plots": plots, "traces": traces, "notes": notes + snotes + secs_notes}

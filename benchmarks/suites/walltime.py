@@ -168,7 +168,8 @@ def run(cfg) -> dict:
         block = []
         for label, make in _torch_methods(s).items():
             try:
-                tr = run_method(label, prob_dev, F_star, make, cap, device=device, stop_below=min(TOLS))
+                tr = run_method(label, prob_dev, F_star, make, cap, device=device, stop_below=min(TOLS),
+                                repeats=getattr(cfg, "repeats", 1))
             except RuntimeError as e:  # out of memory, a library limit: the row says so, the run goes on
                 msg = str(e).splitlines()[0][:120] if str(e) else ""
                 block.append({"instances x (m x n)": label_size,
@@ -202,7 +203,7 @@ def run(cfg) -> dict:
         if on_cuda:
             torch.cuda.empty_cache()
     notes = [(f"torch methods: float32, batch per row, up to {cap} iterations (stopping at 1e-6), "
-              f"{WARMUP_ITERS} untimed warm-up iterations each; scikit-learn on {cores} threads; device {device}")]
+              f"{WARMUP_ITERS} untimed warm-up iterations each, the least time of {getattr(cfg, 'repeats', 1)} timed run(s); scikit-learn on {cores} threads; device {device}")]
     return {"tables": {"walltime": rows, "crossover": _crossover(rows, [f"{B} x ({m} x {2 * m})" for B, m in rows_sizes])},
             "notes": notes, "plots": []}
 
