@@ -516,6 +516,47 @@ def test_watchdog_records_decline_what_they_do_not_serve():
         assert watch_records(y, g, 0.1, "l1", PROX["l1"], 1, rec, best, rule) is None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_secant_step_on_the_loop_matches_pytorch(dtype):
+    """``lr=None``'s secant estimate with its sums from the loop's library (and the rule in
+    numpy) against the PyTorch expressions: two tensors of one group, three instances (one
+    of which stops moving, one whose gradient change drowns in rounding), 12 steps: the
+    same steps, estimates and probes to summation order, and ``y_prev``, ``g_prev`` exact."""
+    from torch_l2o.optim import stepsize
+
+    gen = torch.Generator().manual_seed(5)
+    seq = [([torch.randn(3, 40, generator=gen, dtype=dtype), torch.randn(3, 2, 5, generator=gen, dtype=dtype)],
+            [torch.randn(3, 40, generator=gen, dtype=dtype), torch.randn(3, 2, 5, generator=gen, dtype=dtype)])
+           for _ in range(12)]
+    for ys, gs in seq[1:]:
+        ys[0][1], ys[1][1] = seq[0][0][0][1], seq[0][0][1][1]  # instance 1 never moves
+        gs[0][2], gs[1][2] = seq[0][1][0][2], seq[0][1][1][2]  # instance 2's gradient never changes
+    runs = []
+    for backend in ("cpu", False):
+        states, out = [{}, {}], []
+        with use_fused(backend):
+            for ys, gs in seq:
+                lr = stepsize.online_lipschitz(states, ys, gs, 1)
+                out.append((lr, states[0]["lipschitz"], states[0]["probe_lr"]))
+                assert all(torch.equal(s["prev_y"], y) and torch.equal(s["prev_g"], g)
+                           and s["prev_y"].data_ptr() != y.data_ptr() for s, y, g in zip(states, ys, gs))
+        runs.append(out)
+    for (a, b) in zip(*runs):
+        for u, v in zip(a, b):
+            assert u.dtype == v.dtype == torch.float64 and u.shape == v.shape == (3, 1)
+            assert torch.allclose(u, v, rtol=1e-13, atol=0, equal_nan=True)
+    lr, L, probe = runs[0][-1]
+    assert L[0] > 0 and L[1] == 0 and L[2] == 0  # a secant; none for the still and the constant-gradient instances
+    assert probe[2] > 1e3 * probe[1]  # the moving probe was lengthened, the still one was not
+    with use_fused("cpu"):
+        g = seq[1][1][0].clone().requires_grad_(True)
+        with torch.enable_grad():
+            assert cpu_step.secant_sums([seq[1][0][0]], [g], [seq[0][0][0]], [seq[0][1][0]], 1) is None
+        half = [t.to(torch.bfloat16) for t in (seq[1][0][0], seq[1][1][0], seq[0][0][0], seq[0][1][0])]
+        assert cpu_step.secant_sums(*[[t] for t in half], 1) is None
+        assert cpu_step.secant_sums([seq[1][0][0].T], [seq[1][1][0].T], [seq[0][0][0].T], [seq[0][1][0].T], 1) is None
+
+
 def test_the_watchdog_on_the_loop_catches_what_it_catches_on_the_reference():
     """The issue's lam / 5 case (PA, LASSO 250 x 500 at lam 0.02): the watchdog, its
     residual computed by the loop, flags the same instances as with the PyTorch reference

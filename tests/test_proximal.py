@@ -384,3 +384,26 @@ def test_probe_at_a_minimiser_stays_finite(cls):
     assert torch.isfinite(opt.state[x]["probe_lr"]).all()
     assert torch.equal(sol[1], torch.zeros(5))
     assert torch.isfinite(sol).all() and (sol[0] != 0).any()
+
+
+@pytest.mark.parametrize("fused", ["cpu", False])
+def test_automatic_step_per_instance_over_tensors_of_different_ranks(fused):
+    """``lr=None`` with ``instance_dims=1`` on a group of a (3, 40) and a (3, 2, 5) tensor:
+    one estimate per instance over both tensors (it used to broadcast the two tensors'
+    per-instance sums against each other into a (3, 3, 1) step and raise). On
+    ``f = sum_i c_i (|a_i|^2 + |b_i|^2)`` the secant is exactly ``L_i = 2 c_i``."""
+    from torch_l2o.kernels.fused import use_fused
+
+    c = torch.tensor([0.5, 2.0, 7.0], dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(3, 40, generator=gen, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(3, 2, 5, generator=gen, dtype=torch.float64, requires_grad=True)
+    opt = torch_l2o.FISTA([a, b], prox="l1", lam=0.01, instance_dims=1)
+    with use_fused(fused):
+        for _ in range(3):
+            opt.zero_grad()
+            (c * (a.square().sum(1) + b.square().sum((1, 2)))).sum().backward()
+            opt.step()
+    for p in (a, b):
+        L = opt.state[p]["lipschitz"]
+        assert L.shape == (3, 1) and torch.allclose(L.flatten(), 2 * c, rtol=1e-10)

@@ -25,10 +25,12 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
 from ..kernels import compute_dtype, prox_grad_step_reference
+from ..kernels.cpu_step import secant_sums
 
 PROBE = 1e-3
 ETA = 2.0
@@ -57,12 +59,19 @@ def instance_sum(v: Tensor, k: int) -> Tensor:
     return v.sum(dim=dims, keepdim=True) if dims else v
 
 
+def _joint(vs: Sequence[Tensor], k: int) -> Tensor:
+    """The per-instance sums of ``vs`` added over the tensors, shaped as the first tensor's
+    instances (:func:`instance_shape`): tensors of different ranks must not broadcast."""
+    shape = instance_shape(vs[0], k)
+    return sum(instance_sum(v, k).reshape(shape) for v in vs)
+
+
 def _sq_norm(vs: Sequence[Tensor], k: int) -> Tensor:
-    return sum(instance_sum(v.double().square(), k) for v in vs)
+    return _joint([v.double().square() for v in vs], k)
 
 
 def _dot(us: Sequence[Tensor], vs: Sequence[Tensor], k: int) -> Tensor:
-    return sum(instance_sum(u.double() * v.double(), k) for u, v in zip(us, vs))
+    return _joint([u.double() * v.double() for u, v in zip(us, vs)], k)
 
 
 def _dist(us: Sequence[Tensor], vs: Sequence[Tensor], k: int) -> Tensor:
@@ -87,9 +96,12 @@ def secant(ys, gs, ys_prev, gs_prev, k: int, dy: Tensor | None = None) -> Tensor
     dy = _dist(ys, ys_prev, k) if dy is None else dy
     dg = _dist(gs, gs_prev, k)
     scale = _sq_norm(gs, k).sqrt() + _sq_norm(gs_prev, k).sqrt()
-    floor = noise_floor(gs[0].dtype) * scale
+    return _quotient(torch, dy, dg, noise_floor(gs[0].dtype) * scale)
+
+
+def _quotient(xp, dy, dg, floor):
     ok = (dy > 0) & (dg > floor)
-    return torch.where(ok, dg / torch.where(ok, dy, 1.0), torch.full_like(dy, math.nan))
+    return xp.where(ok, dg / xp.where(ok, dy, 1.0), math.nan)
 
 
 def probe_lr(ys, gs, k: int) -> Tensor:
@@ -109,27 +121,52 @@ def online_lipschitz(states: Sequence[dict], ys, gs, k: int) -> Tensor:
     that brings none: a probe whose gradient change drowns in rounding gives no estimate.
     """
     s0 = states[0]
+    prev = None
     if "lipschitz" not in s0:
         probe = probe_lr(ys, gs, k)
         L = torch.zeros_like(probe)
+        lr = _advance(torch, None, None, None, L, probe)[2]
     else:
-        ys_prev = [s["prev_y"] for s in states]
-        dy = _dist(ys, ys_prev, k)
-        est = secant(ys, gs, ys_prev, [s["prev_g"] for s in states], k, dy=dy)
-        L = torch.fmax(s0["lipschitz"], est)  # fmax ignores the NaN of a rejected secant
-        # A probe that did not move at all hit a fixed point of the prox-gradient map: the
-        # point is optimal (e.g. x = 0 when lam >= |grad f(0)|_inf), and a longer probe would
-        # grow without end (to inf, then NaN). Lengthen only probes that moved.
-        probe = torch.where((L > 0) | (dy == 0), s0["probe_lr"], (10 * s0["probe_lr"]).clamp(max=MAX_PROBE))
-    lr = torch.where(L > 0, 1.0 / torch.where(L > 0, L, 1.0), probe)
-    for s, y, g in zip(states, ys, gs):
+        ys_prev, gs_prev = [s["prev_y"] for s in states], [s["prev_g"] for s in states]
+        floor = noise_floor(gs[0].dtype)
+        # the four sums in one pass on CPU tensors (the fused loop's library), and the rule on
+        # the per-instance numbers in numpy (torch's dispatch: ~100 us a step); else in PyTorch
+        fused = secant_sums(ys, gs, ys_prev, gs_prev, k)
+        records = (s0["lipschitz"], s0["probe_lr"])
+        if fused is not None and all(t.dtype == torch.float64 and t.device.type == "cpu" for t in records):
+            sums, *prev = fused
+            dy, dg, ng, ngp = np.sqrt(sums.numpy()).T
+            shape = records[0].shape
+            L, probe, lr = (torch.from_numpy(v).reshape(shape) for v in _advance(
+                np, dy, dg, floor * (ng + ngp), records[0].numpy().reshape(-1), records[1].numpy().reshape(-1)))
+        else:
+            dy = _dist(ys, ys_prev, k)
+            dg = _dist(gs, gs_prev, k)
+            L, probe, lr = _advance(torch, dy, dg, floor * (_sq_norm(gs, k).sqrt() + _sq_norm(gs_prev, k).sqrt()),
+                                    *records)
+    for i, (s, y, g) in enumerate(zip(states, ys, gs)):
         s["lipschitz"] = L
         s["probe_lr"] = probe
         # new copies, not copy_ into the old ones: under torch.compile (torch 2.13) a copy_
         # from the parameter, which the step then overwrites, stores the new value
-        s["prev_y"] = y.detach().clone()
-        s["prev_g"] = g.detach().clone()
+        s["prev_y"] = y.detach().clone() if prev is None else prev[0][i]
+        s["prev_g"] = g.detach().clone() if prev is None else prev[1][i]
     return lr
+
+
+def _advance(xp, dy, dg, floor, L, probe):
+    """The estimate's rule per instance, on tensors or numpy arrays (``xp`` their module):
+    from ``|y - y_prev|``, ``|g - g_prev|`` and the rounding floor of ``dg`` (``dy is None``:
+    the first step, no secant yet) and the previous ``L`` and probe, the new ``L``, probe
+    and step."""
+    if dy is not None:
+        L = xp.fmax(L, _quotient(xp, dy, dg, floor))  # fmax ignores the NaN of a rejected secant
+        # A probe that did not move at all hit a fixed point of the prox-gradient map: the
+        # point is optimal (e.g. x = 0 when lam >= |grad f(0)|_inf), and a longer probe would
+        # grow without end (to inf, then NaN). Lengthen only probes that moved.
+        longer = 10 * probe
+        probe = xp.where((L > 0) | (dy == 0), probe, xp.where(longer > MAX_PROBE, MAX_PROBE, longer))
+    return L, probe, xp.where(L > 0, 1.0 / xp.where(L > 0, L, 1.0), probe)
 
 
 def _as_values(f, inst: tuple[int, ...], k: int) -> Tensor:
