@@ -105,32 +105,7 @@ def run_method(
     p = problem.to(device=device, dtype=dtype)
     p64 = problem.to(device=device, dtype=torch.float64)
     F_star = F_star.to(device)
-    loss_fn = p.objective if composite_loss else p.smooth
-
-    def start():
-        x = p.x0().requires_grad_(True)
-        opt = make_opt([x])
-
-        def f():
-            opt.zero_grad()
-            val = loss_fn(x)
-            val.sum().backward()
-            return val
-
-        def step() -> float:
-            sync(device)
-            t0 = time.perf_counter()
-            if closure:
-                opt.step(f)
-            else:
-                f()
-                opt.step()
-            sync(device)
-            return time.perf_counter() - t0
-
-        return x, opt, step
-
-    x, opt, step = start()
+    x, opt, step = _start(p, make_opt, composite_loss, closure, device)
     solution = getattr(opt, "solution", lambda q: q.detach())
     errors = [float(mean_relative_error(p64.objective(x.detach().double()), F_star))]
     seconds = [0.0]
@@ -141,13 +116,50 @@ def run_method(
         errors.append(err if math.isfinite(err) else float("inf"))
         if stop_below is not None and errors[-1] <= stop_below:
             break
+    trace = Trace(name, errors, seconds)
     for _ in range(repeats - 1):
-        _, _, step = start()
-        elapsed = 0.0
-        for k in range(1, len(seconds)):
-            elapsed += step()
-            seconds[k] = min(seconds[k], elapsed)
-    return Trace(name, errors, seconds)
+        retime(trace, problem, make_opt, composite_loss=composite_loss, closure=closure, dtype=dtype, device=device)
+    return trace
+
+
+def retime(trace: Trace, problem: Problem, make_opt: Callable, *, composite_loss: bool = False,
+           closure: bool = False, dtype: torch.dtype = torch.float32, device: str = "cpu") -> None:
+    """Run ``trace``'s iterations again on a fresh optimizer, unscored, and keep per
+    iteration the least cumulative time (the iterates are the same; timing noise only
+    adds). A suite that retimes every method in turn spreads a slow spell of the machine
+    over all of them instead of one."""
+    _, _, step = _start(problem.to(device=device, dtype=dtype), make_opt, composite_loss, closure, device)
+    elapsed = 0.0
+    for k in range(1, len(trace.seconds)):
+        elapsed += step()
+        trace.seconds[k] = min(trace.seconds[k], elapsed)
+
+
+def _start(p: Problem, make_opt: Callable, composite_loss: bool, closure: bool, device: str):
+    """A fresh run: the iterate, its optimizer, and a function that takes one timed step
+    (gradient and update) and returns its seconds."""
+    x = p.x0().requires_grad_(True)
+    opt = make_opt([x])
+    loss_fn = p.objective if composite_loss else p.smooth
+
+    def f():
+        opt.zero_grad()
+        val = loss_fn(x)
+        val.sum().backward()
+        return val
+
+    def step() -> float:
+        sync(device)
+        t0 = time.perf_counter()
+        if closure:
+            opt.step(f)
+        else:
+            f()
+            opt.step()
+        sync(device)
+        return time.perf_counter() - t0
+
+    return x, opt, step
 
 
 def format_table(rows: list[dict], columns: list[str] | None = None) -> str:
