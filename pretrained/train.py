@@ -450,7 +450,8 @@ def add_figures(arch, out, family_name, family, names):
     card = json.loads(card_path.read_text())
     t0 = time.perf_counter()
     figs = evaluate_composite(arch, net.state_dict(), net.config(), family_name, family, only=set(names))
-    card["validation"]["figures"].update(figs)
+    for name, f in figs.items():  # merged: a run's figures that only the full evaluation computes stay
+        card["validation"]["figures"].setdefault(name, {}).update(f)
     for name, f in figs.items():
         base = card["validation"]["figures"].get("fista_restart", {}).get("iterations_to_1e-06")
         if name.startswith("learned") and base and f.get("iterations_to_1e-06"):
