@@ -54,6 +54,11 @@ def test_walltime_runs_and_ranks_the_headline_first(monkeypatch):
         assert r["ms/it"] > 0
     assert any(r["method"].startswith("scikit-learn Lasso") and r["s@1e-06"] is not None for r in rows)
     assert res["tables"]["crossover"]
+    calls = []
+    monkeypatch.setattr(walltime, "retime", lambda tr, *a, **k: calls.append(tr.method))
+    res = walltime.run(_cfg(repeats=3))  # every method timed again, in turn, twice
+    names = [r["method"].split(" (")[0] for r in res["tables"]["walltime"] if "batch of" in r["method"]]
+    assert calls == names * 2 and "least time of 3" in res["notes"][0]
 
 
 def test_ood_summary_counts_a_method_only_where_it_ran():
