@@ -213,3 +213,11 @@ def test_ood_retimes_every_method_in_turn(monkeypatch, tmp_path):
         assert row["s@1e-06"] == round(first[row["method"]] / 4, 4)
     assert any("least of 3" in n for n in out["notes"])
 
+
+
+def test_step_overhead_script_runs(capsys):
+    import step_overhead
+
+    step_overhead.main(["--steps", "2", "--runs", "1"])
+    out = capsys.readouterr().out
+    assert "PA-GRU mix, watchdog in numpy" in out and "1024 x 500:" in out
