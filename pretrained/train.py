@@ -176,7 +176,7 @@ def _per_instance(errs: torch.Tensor, tol: float) -> dict:
     first = hit.double().argmax(0)[reached].double()
     if not len(first):
         return {"median": None, "p90": None, "reached": 0.0}
-    return {"median": float(first.median()), "p90": float(torch.quantile(first, 0.9)),
+    return {"median": round(float(torch.quantile(first, 0.5)), 1), "p90": round(float(torch.quantile(first, 0.9)), 1),
             "reached": round(float(reached.double().mean()), 4)}
 
 
