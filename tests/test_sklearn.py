@@ -125,6 +125,24 @@ def test_learned_optimizer_reaches_the_same_objective(diabetes, breast_cancer):
     assert abs(F - F_ref) <= 1e-5 * F_ref
 
 
+@pytest.mark.filterwarnings("ignore:.*the learned step diverged or stalled:RuntimeWarning")  # near 1e-6 the watchdog takes over
+def test_learned_weights_option(breast_cancer):
+    """``weights=`` reaches the learned optimizer (the mixture weights: another run than the
+    default weights, the same objective), and is refused with a method that has none."""
+    X, y = breast_cancer
+    runs = {w: LogisticRegression(C=0.01, method="pagru", weights=w, fit_intercept=False, max_iter=3000).fit(X, y)
+            for w in (None, "logistic-mix")}
+    ref = LogisticRegression(C=0.01, fit_intercept=False).fit(X, y)
+    F = {w: logistic_objective(X, y, m.coef_, 0.0, 0.01) for w, m in runs.items()}
+    F_ref = logistic_objective(X, y, ref.coef_, 0.0, 0.01)
+    assert all(abs(f - F_ref) <= 1e-5 * F_ref for f in F.values())
+    assert runs[None].n_iter_[0] != runs["logistic-mix"].n_iter_[0]
+    assert runs["logistic-mix"].get_params()["weights"] == "logistic-mix"
+    with pytest.raises(ValueError, match="weights='lasso-mix' selects a learned optimizer's weights; "
+                                         "method='fista' has none"):
+        Lasso(weights="lasso-mix").fit(X, y)
+
+
 # ---------------------------------------------------------------- bad input and non-convergence
 
 

@@ -28,6 +28,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from .problems.families import LassoProblem, LogisticProblem
+from .registry import available_architectures
 from .solver import ConvergenceWarning, SolveResult, solve
 
 __all__ = ["Lasso", "LogisticRegression"]
@@ -54,10 +55,16 @@ class _TorchL2OEstimator(BaseEstimator):
         return torch.as_tensor(np.ascontiguousarray(a), dtype=self._torch_dtype(), device=torch.device(self.device))
 
     def _solve(self, problem) -> SolveResult:
+        options = {}
+        if self.weights is not None:
+            if not (isinstance(self.method, str) and self.method in available_architectures()):
+                raise ValueError(f"{type(self).__name__}: weights={self.weights!r} selects a learned optimizer's "
+                                 f"weights; method={self.method!r} has none (give method='pamr', 'pagru', ...)")
+            options["weights"] = self.weights
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", ConvergenceWarning)  # reported below in scikit-learn's terms
             res = solve(problem, self.method, tol=float(self.tol), max_iter=int(self.max_iter),
-                        progress=bool(self.verbose))
+                        progress=bool(self.verbose), **options)
         if not bool(res.converged.all()):
             warnings.warn(
                 f"{type(self).__name__}: {int((~res.converged).sum())} of {len(res.converged)} problems did not "
@@ -84,6 +91,10 @@ class Lasso(RegressorMixin, _TorchL2OEstimator):
         fit_intercept: fit the unpenalized intercept ``b``.
         method: the optimizer (see :func:`torch_l2o.solve`): ``"fista"``, ``"ista"``,
             a learned architecture (``"pamr"``, ...), a class or a factory.
+        weights: a learned architecture's weights (``"lasso-mix"``, a file, ...; default:
+            the architecture's own default). The mixture weights were trained on broad
+            families of problems and do better than the papers' single-family weights on
+            data unlike those families (``benchmarks/RESULTS.md``).
         tol: the relative duality gap to stop at: ``gap / F(w) <= tol`` certifies
             ``F(w) - F* <= tol F(w)``.
         max_iter: the most iterations per target.
@@ -97,11 +108,12 @@ class Lasso(RegressorMixin, _TorchL2OEstimator):
         n_features_in_, feature_names_in_: as in scikit-learn.
     """
 
-    def __init__(self, alpha=1.0, *, fit_intercept=True, method="fista", tol=1e-6, max_iter=10_000, device="cpu",
-                 dtype="float64", verbose=False):
+    def __init__(self, alpha=1.0, *, fit_intercept=True, method="fista", weights=None, tol=1e-6, max_iter=10_000,
+                 device="cpu", dtype="float64", verbose=False):
         self.alpha = alpha
         self.fit_intercept = fit_intercept
         self.method = method
+        self.weights = weights
         self.tol = tol
         self.max_iter = max_iter
         self.device = device
@@ -161,19 +173,21 @@ class LogisticRegression(ClassifierMixin, _TorchL2OEstimator):
     Args:
         penalty: ``"l1"`` (the only one).
         C: the inverse strength, ``> 0`` (``np.inf``: no penalty).
-        fit_intercept, method, tol, max_iter, device, dtype, verbose: as for :class:`Lasso`.
+        fit_intercept, method, weights, tol, max_iter, device, dtype, verbose: as for :class:`Lasso`
+            (``weights="logistic-mix"``: the logistic mixture weights).
 
     Attributes:
         classes_: the labels; coef_: ``(1, n_features)`` (binary) or ``(K, n_features)``;
         intercept_: ``(1,)`` or ``(K,)``; n_iter_: ``(1,)`` or ``(K,)`` iterations.
     """
 
-    def __init__(self, penalty="l1", C=1.0, *, fit_intercept=True, method="fista", tol=1e-6, max_iter=10_000,
-                 device="cpu", dtype="float64", verbose=False):
+    def __init__(self, penalty="l1", C=1.0, *, fit_intercept=True, method="fista", weights=None, tol=1e-6,
+                 max_iter=10_000, device="cpu", dtype="float64", verbose=False):
         self.penalty = penalty
         self.C = C
         self.fit_intercept = fit_intercept
         self.method = method
+        self.weights = weights
         self.tol = tol
         self.max_iter = max_iter
         self.device = device
@@ -206,8 +220,10 @@ class LogisticRegression(ClassifierMixin, _TorchL2OEstimator):
         if self.fit_intercept:
             lam[-1] = 0.0  # the intercept is not penalized
         W = self._tensor(feats)
+        # a uniform strength as a number: the fused steps serve numeric strengths only
+        strength = float(lam[0]) if not self.fit_intercept else self._tensor(lam)
         problem = LogisticProblem(W=W.expand(len(Y), -1, -1), y=self._tensor(Y.astype(np.float64)),
-                                      prox="l1", prox_params={"lam": self._tensor(lam)})
+                                      prox="l1", prox_params={"lam": strength})
         res = self._solve(problem)
         sol = res.x.double().cpu().numpy()
         self.coef_ = sol[:, :n]
