@@ -127,6 +127,64 @@ def test_one_step_matches_reference(name, variant):
     _step_both(kind, update, net, state, ys, gs, xs if kind == "pa" else ys, lrs, prox, params, step=3)
 
 
+def _strengths(variant, shape, dtype):
+    gen = torch.Generator().manual_seed(8)
+    per_instance = lambda lo, hi: (lo + (hi - lo) * torch.rand(shape[0], 1, generator=gen)).to(dtype)  # noqa: E731
+    if variant == "l1, lam per instance":
+        return "l1", {"lam": per_instance(0.02, 0.3)}
+    if variant == "l1, lam per coordinate, an unpenalized one":
+        lam = (0.2 * torch.rand(shape, generator=gen)).to(dtype)
+        lam[:, -1] = 0.0
+        return "l1", {"lam": lam}
+    if variant == "elastic_net, lam per coordinate, lam2 per instance":
+        return "elastic_net", {"lam": (0.2 * torch.rand(shape, generator=gen)).to(dtype), "lam2": per_instance(0.1, 1.0)}
+    if variant == "box, bounds per instance":
+        return "box", {"lo": per_instance(-0.8, -0.1), "hi": per_instance(0.1, 0.9)}
+    raise AssertionError(variant)
+
+
+STRENGTHS = ["l1, lam per instance", "l1, lam per coordinate, an unpenalized one",
+             "elastic_net, lam per coordinate, lam2 per instance", "box, bounds per instance"]
+
+
+@pytest.mark.parametrize("name", ["pa", "pagru", "pamr", "l2odm"])
+@pytest.mark.parametrize("variant", STRENGTHS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_tensor_strengths_match_reference(name, variant, dtype):
+    """Strengths given as tensors of the iterates' dtype, one per instance ``(B, 1)`` or one
+    per coordinate (a LASSO path's ``lam`` per instance; an unpenalized intercept): the loop
+    steps as the reference does, held coordinates included."""
+    kind, update, make = NETS[name]
+    net = make()
+    shapes = [(4, 40)]
+    prox, params = _strengths(variant, shapes[0], dtype)
+    lrs = [torch.tensor([[0.05], [0.1], [0.02], [0.2]], dtype=dtype)]
+    state = _state(net, shapes, kind, update, lrs, prox, params)
+    ys, gs, xs = _problem(shapes, dtype, seed=2)
+    ys[0][:, ::4], gs[0][:, ::4] = 0.0, 0.001  # fixed points of l1 and elastic_net: held where hold_fixed
+    if kind == "pa":
+        xs[0][:, ::4] = 0.0
+    _step_both(kind, update, net, state, ys, gs, xs if kind == "pa" else ys, lrs, prox, params, step=3)
+
+
+@pytest.mark.parametrize("variant", STRENGTHS)
+def test_watchdog_with_tensor_strengths_matches_reference(variant):
+    """The watchdog's residual with tensor strengths, from the loop, against the PyTorch
+    expression."""
+    from torch_l2o.kernels.cpu_step import prox_residuals
+    from torch_l2o.kernels.reference import prox_point_reference
+
+    prox, params = _strengths(variant, (4, 40), torch.float32)
+    ys, gs, _ = _problem([(4, 40)], torch.float32, seed=6)
+    lrs = [torch.tensor([[0.05], [0.1], [0.02], [0.2]])]
+    with use_fused("cpu"):
+        got = prox_residuals(ys, gs, lrs, prox, params, 1)
+    assert got is not None
+    ref = torch.linalg.vector_norm(prox_point_reference(ys[0], gs[0], lrs[0], 1.0, prox, params) - ys[0], dim=1,
+                                   dtype=torch.float64).square()
+    assert torch.allclose(got, ref, rtol=1e-6, atol=0)
+
+
 @pytest.mark.parametrize("name", ["pa", "pagru", "pamr", "l2odm", "rnnprop"])
 def test_fifty_steps_of_a_lasso_run_match_reference(name):
     """Step by step along 50 reference steps on a LASSO batch (B = 8, n = 64): from the
@@ -276,10 +334,14 @@ def test_declines_what_it_does_not_serve(monkeypatch):
         assert cpu_learned_step("pa", pa, st, ys, [g.double() for g in gs], xs, **common) is None
         meta = [torch.empty(2, 30, device="meta")]
         assert cpu_learned_step("pa", pa, st, meta, meta, meta, **common) is None
-        # proxes: not elementwise, a tensor strength, an unknown strength; RNNProp applies none
+        # proxes: not elementwise, a tensor strength of another dtype (the reference would compute
+        # in the promoted dtype) or of a shape that is no prefix, an unknown strength; RNNProp applies none
         assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=0.1, prox="group_l1", params={"lam": 0.1},
                                 step=0) is None
-        assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=0.1, prox="l1", params={"lam": torch.tensor(0.1)},
+        lam64 = torch.tensor(0.1, dtype=torch.float64)
+        assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=0.1, prox="l1", params={"lam": lam64}, step=0) is None
+        lam_suffix = torch.full((ys[0].shape[-1],), 0.1)
+        assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=0.1, prox="l1", params={"lam": lam_suffix},
                                 step=0) is None
         assert cpu_learned_step("pa", pa, st, ys, gs, xs, lr=0.1, prox="l1", params={"mu": 0.1}, step=0) is None
         rp = RNNPropNet()

@@ -4,8 +4,10 @@ A fused step backend (:mod:`torch_l2o.kernels.fused`) for CPU tensors, serving w
 :mod:`~torch_l2o.kernels.triton_learned` serves on CUDA: ``"pa"`` (L2O-PA, -PA-GRU,
 -PA-MR with ``attend="window"``), ``"dm"`` (L2O-DM, GSO's blocks), ``"rnnprop"``;
 exactly these network classes, float32 or float64 iterates, the built-in elementwise
-proxes with numeric strengths, ``lr`` a number or a broadcastable tensor. Anything
-else declines to the PyTorch reference. Per coordinate the loop reads ``g``, ``y``,
+proxes with strengths that are numbers or tensors of the iterates' dtype (one per instance,
+``(B, 1)``, or one per coordinate: a LASSO path's ``lam`` per instance, an unpenalized
+intercept), ``lr`` a number or a broadcastable tensor. Anything else declines to the
+PyTorch reference. Per coordinate the loop reads ``g``, ``y``,
 ``x`` and the network's state once, runs features, recurrent cells, PA-MR's attention,
 FFN blocks and LayerNorms, heads and the prox-gradient step, and writes ``x``, ``y``
 and the state once. A tile of coordinates shares one SIMD register (16 with AVX-512, 8
@@ -80,7 +82,7 @@ from torch import Tensor, nn
 
 from . import fused
 from .fused import kernel_prox, lr_operands, packed_weights, register_step_backend, requested, step_constants
-from .triton_step import interpret_mode
+from .triton_step import broadcast_divisor, interpret_mode
 
 __all__ = ["compile_library", "cpu_learned_step", "prox_residuals", "secant_sums", "set_cpu_step_backend",
            "watch_records"]
@@ -254,6 +256,8 @@ struct Args {  // mirrored by cpu_step.py's _Args
   int64_t nthreads;
   const float* fs; int64_t fs_div;           // SCALED: 1 / sigma per instance, indexed i / fs_div
   int64_t hold;                               // pa: coordinates with x = y = T y keep iterates and state
+  const void* s0p; int64_t s0_div;            // a strength per instance or coordinate (R tensor indexed
+  const void* s1p; int64_t s1_div;            // i / div) in place of the number s0 / s1, or NULL
 };
 
 // Packed weights, in order (see _pack in cpu_step.py):
@@ -344,7 +348,7 @@ template <typename V, typename R> static inline V per_lane(const R* p, int64_t d
 #pragma GCC optimize("fp-contract=off")
 // torch_l2o.prox on the tile's lanes, codes of KERNEL_PROX (the switch outside, the lanes inside)
 template <typename R, typename V>
-static inline V prox_lanes(int64_t code, V z, V t, R s0, R s1) {
+static inline V prox_lanes(int64_t code, V z, V t, V s0, V s1) {
   const V zero = vsplat<V>(R(0)), one = vsplat<V>(R(1));
   switch (code) {
     case 1: {  // l1: sign(z) max(|z| - t lam, 0)
@@ -360,13 +364,13 @@ static inline V prox_lanes(int64_t code, V z, V t, R s0, R s1) {
       return ((z > zero ? one : (z < zero ? -one : z)) * m) / (one + t * s1);
     }
     case 5: return z / (one + t * s0);  // l2sq
-    case 6: { V lo = vsplat<V>(s0), hi = vsplat<V>(s1), u = z < lo ? lo : z; return u > hi ? hi : u; }  // box
+    case 6: { V u = z < s0 ? s0 : z; return u > s1 ? s1 : u; }  // box: s0, s1 = lo, hi
     default: return z;  // none
   }
 }
 // prox_{t r}(y - t g)
 template <typename R, typename V>
-static inline V prox_point(int64_t code, V y, V g, V t, R s0, R s1) { return prox_lanes<R>(code, y - t * g, t, s0, s1); }
+static inline V prox_point(int64_t code, V y, V g, V t, V s0, V s1) { return prox_lanes<R>(code, y - t * g, t, s0, s1); }
 #pragma GCC pop_options
 
 // The lanes' values of p at coordinates rows[0 .. cnt) (the rest 0), and back
@@ -382,6 +386,12 @@ template <typename V, typename R> static inline V per_row(const R* p, int64_t di
   V v = {};
   for (int t = 0; t < cnt; t++) v[t] = p[rows[t] / div];
   return v;
+}
+// A prox strength on the lanes: the number s, or the R tensor p indexed i / div at the
+// coordinates n0 + t (contig) or rows[t]
+template <typename V, typename R>
+static inline V strength(const void* p, int64_t div, double s, bool contig, int64_t n0, const int64_t* rows, int cnt) {
+  return !p ? vsplat<V>((R)s) : contig ? per_lane<V>((const R*)p, div, n0, cnt) : per_row<V>((const R*)p, div, rows, cnt);
 }
 
 // One tile: lane t steps coordinate rows[t] (t < cnt; later entries repeat a valid row).
@@ -408,6 +418,8 @@ static void tile(const Args& a, const int64_t* rows, int cnt, bool contig, const
   const V yR = contig ? load_lanes<V>(y + n0, cnt) : gather_lanes<V>(y, rows, cnt);
   const V lrv = !a.lr ? vsplat<V>((R)a.lr_scalar)
                 : contig ? per_lane<V>((const R*)a.lr, a.lr_div, n0, cnt) : per_row<V>((const R*)a.lr, a.lr_div, rows, cnt);
+  const V s0v = strength<V, R>(a.s0p, a.s0_div, a.s0, contig, n0, rows, cnt);
+  const V s1v = strength<V, R>(a.s1p, a.s1_div, a.s1, contig, n0, rows, cnt);
   vf gv = __builtin_convertvector(gR, vf), yv = __builtin_convertvector(yR, vf);
   for (int t = 0; t < nahead; t++) {  // the state of a later tile
     for (int l = 0; l < LAYERS; l++) {
@@ -567,7 +579,7 @@ static void tile(const Args& a, const int64_t* rows, int cnt, bool contig, const
   RESTORE_CSR();
   // t = lr p; x+ = prox_t(y - t g); y+ = x+ + a (x+ - x)
   const V tt = lrv * __builtin_convertvector(pp, V);
-  const V xn = prox_point<R>(a.prox, yR, gR, tt, (R)a.s0, (R)a.s1);
+  const V xn = prox_point<R>(a.prox, yR, gR, tt, s0v, s1v);
   const V xo = contig ? load_lanes<V>(x + n0, cnt) : gather_lanes<V>(x, rows, cnt);
   const V yn = xn + __builtin_convertvector(aa, V) * (xn - xo);
   if (contig) {
@@ -587,7 +599,7 @@ static void tile(const Args& a, const int64_t* rows, int cnt, bool contig, const
   out = 0.1f * vtanh(out);
 #endif
   RESTORE_CSR();
-  store_lanes(y + n0, cnt, prox_point<R>(a.prox, yR, __builtin_convertvector(out, V), lrv, (R)a.s0, (R)a.s1));
+  store_lanes(y + n0, cnt, prox_point<R>(a.prox, yR, __builtin_convertvector(out, V), lrv, s0v, s1v));
 #endif
 }
 
@@ -612,7 +624,8 @@ static void run_held(const Args& a) {
       const int cnt = hi - i0 < T ? (int)(hi - i0) : T;
       const V yv = load_lanes<V>(y + i0, cnt), xv = load_lanes<V>(x + i0, cnt), gv = load_lanes<V>(g + i0, cnt);
       const V lrv = a.lr ? per_lane<V>((const R*)a.lr, a.lr_div, i0, cnt) : vsplat<V>((R)a.lr_scalar);
-      const V tv = prox_point<R>(a.prox, yv, gv, lrv, (R)a.s0, (R)a.s1);
+      const V tv = prox_point<R>(a.prox, yv, gv, lrv, strength<V, R>(a.s0p, a.s0_div, a.s0, true, i0, nullptr, cnt),
+                                 strength<V, R>(a.s1p, a.s1_div, a.s1, true, i0, nullptr, cnt));
       for (int t = 0; t < cnt; t++)
         if (!(tv[t] == yv[t] && xv[t] == yv[t])) act[na++] = i0 + t;
     }
@@ -663,7 +676,8 @@ static double residual(const Args& a, int64_t lo, int64_t hi) {  // over coordin
     const int cnt = hi - i0 < T ? (int)(hi - i0) : T;
     const V yv = load_lanes<V>(y + i0, cnt), gv = load_lanes<V>(g + i0, cnt);
     const V lrv = a.lr ? per_lane<V>((const R*)a.lr, a.lr_div, i0, cnt) : vsplat<V>((R)a.lr_scalar);
-    const V r = prox_point<R>(a.prox, yv, gv, lrv, (R)a.s0, (R)a.s1) - yv;
+    const V r = prox_point<R>(a.prox, yv, gv, lrv, strength<V, R>(a.s0p, a.s0_div, a.s0, true, i0, nullptr, cnt),
+                              strength<V, R>(a.s1p, a.s1_div, a.s1, true, i0, nullptr, cnt)) - yv;
     for (int t = 0; t < cnt; t++) acc += (double)r[t] * (double)r[t];
   }
   return acc;
@@ -779,7 +793,8 @@ class _Args(ctypes.Structure):
                     ("n", "i"), ("y", "p"), ("g", "p"), ("x", "p"), ("lr", "p"), ("lr_div", "i"), ("lr_scalar", "d"),
                     ("h", "p"), ("c", "p"), ("lstride", "i"), ("m", "p"), ("v", "p"), ("win", "p"), ("filled", "i"),
                     ("w", "p"), ("prox", "i"), ("s0", "d"), ("s1", "d"), ("aux0", "d"), ("aux1", "d"), ("aux2", "d"),
-                    ("ln_eps", "d"), ("nthreads", "i"), ("fs", "p"), ("fs_div", "i"), ("hold", "i"))]
+                    ("ln_eps", "d"), ("nthreads", "i"), ("fs", "p"), ("fs_div", "i"), ("hold", "i"),
+                    ("s0p", "p"), ("s0_div", "i"), ("s1p", "p"), ("s1_div", "i"))]
 
 
 class _Watch(ctypes.Structure):
@@ -1034,6 +1049,39 @@ def _operands(ts: list, lr: Any) -> list | None:
     return lr_operands(lr, ts[0], ts[0][0].dtype)  # the reference computes lr * p in the iterates' dtype
 
 
+def _prox(prox: str, params: Any, ys) -> tuple[int, list[dict]] | None:
+    """The loop's prox code and, per tensor, its strengths as ``_Args`` fields: numbers, or
+    tensors of the iterates' dtype on the CPU that broadcast as a prefix of the tensor (one
+    per instance ``(B, 1)``, or one per coordinate): a LASSO path's ``lam`` per instance,
+    an unpenalized intercept. ``None`` declines. A strength of another dtype declines: the
+    reference would compute in the promoted dtype, and holding must round as it does."""
+    code = kernel_prox(prox, params, tensors=True)
+    if code is None:
+        return None
+    fields = []
+    for y in ys:
+        f = {}
+        for slot, s in zip((0, 1), code[1:]):
+            if isinstance(s, Tensor):
+                if s.device.type != "cpu" or s.dtype != y.dtype or s.requires_grad:
+                    return None
+                s = s.contiguous()
+                div = broadcast_divisor(s, y)
+                if div is None:
+                    return None
+                f.update({f"s{slot}p": s.data_ptr(), f"s{slot}_div": div, f"s{slot}": 0.0, f"_keep{slot}": s})
+            else:
+                f[f"s{slot}"] = s
+        fields.append(f)
+    return code[0], fields
+
+
+def _strengths(f: dict) -> dict:
+    """A tensor's strength fields of :func:`_prox` for ``_Args`` (the tensors they point into
+    are kept alive by ``f``)."""
+    return {k: v for k, v in f.items() if not k.startswith("_keep")}
+
+
 def _instance_count(y: Tensor, k: int) -> int:
     n = 1
     for d in y.shape[:k]:
@@ -1048,7 +1096,7 @@ def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> T
     passes); ``None`` declines (the caller computes it in PyTorch)."""
     if not _serving() or not ys:
         return None
-    code = kernel_prox(prox, params)
+    code = _prox(prox, params, ys)
     lr_ops = _operands([list(ys), list(gs)], list(lrs)) if code is not None else None
     lib = _helpers() if lr_ops is not None else None
     if lib is None:
@@ -1057,10 +1105,10 @@ def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> T
     out = torch.zeros(inst, dtype=torch.float64)
     part = out if len(ys) == 1 else torch.empty(inst, dtype=torch.float64)
     fn = lib.l2o_residuals_f32 if ys[0].dtype == torch.float32 else lib.l2o_residuals_f64
-    for y, g, (lr_t, div, lr_s) in zip(ys, gs, lr_ops):
+    for y, g, (lr_t, div, lr_s), f in zip(ys, gs, lr_ops, code[1]):
         if y.numel():
             args = _Args(n=y.numel(), y=y.data_ptr(), g=g.data_ptr(), lr=_ptr(lr_t), lr_div=div, lr_scalar=lr_s,
-                         prox=code[0], s0=code[1], s1=code[2])
+                         prox=code[0], **_strengths(f))
             fn(ctypes.byref(args), y.numel() // inst, part.data_ptr())
             if part is not out:
                 out += part
@@ -1078,7 +1126,7 @@ def watch_records(y: Tensor, g: Tensor, lr: Any, prox: str, params: Any, instanc
     On a small problem the PyTorch/numpy path costs ~150 us a step, more than the step."""
     if not _serving():
         return None
-    code = kernel_prox(prox, params)
+    code = _prox(prox, params, [y])
     lr_ops = _operands([[y], [g]], [lr]) if code is not None else None
     lib = _helpers() if lr_ops is not None else None
     if lib is None or not y.numel() or not (best.dtype == y.dtype and best.shape == y.shape and best.is_contiguous()):
@@ -1103,7 +1151,7 @@ def watch_records(y: Tensor, g: Tensor, lr: Any, prox: str, params: Any, instanc
     (lr_t, div, lr_s), = lr_ops
     kappa, jump_floor, stall_floor, patience = rule
     args = _Args(n=y.numel(), y=y.data_ptr(), g=g.data_ptr(), lr=_ptr(lr_t), lr_div=div, lr_scalar=lr_s,
-                 prox=code[0], s0=code[1], s1=code[2])
+                 prox=code[0], **_strengths(code[1][0]))
     w = _Watch(step=_ptr(step), step_scalar=scalar, wd_min=wd[0].data_ptr(), wd_mark=wd[1].data_ptr(),
                wd_G0=wd[2].data_ptr(), since=wd[3].data_ptr(), off=wd[4].data_ptr(), fresh=fresh.data_ptr(),
                best=best.data_ptr(), kappa=kappa, jump_floor=jump_floor, stall_floor=stall_floor,
@@ -1174,10 +1222,10 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     cfg = _config(kind, net)
     if cfg is None:
         return None
-    code = kernel_prox(prox, params)
+    code = _prox(prox, params, ys)
     if code is None or (kind == "rnnprop" and prox != "none"):
         return None
-    prox_code, s0, s1 = code
+    prox_code, strengths = code
     dtype = ys[0].dtype
     lr_ops = _operands([list(ys), list(gs), list(xs)], lr)
     if lr_ops is None:
@@ -1225,7 +1273,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     hold = int(kind == "pa" and getattr(net, "hold_fixed", False))  # every kernel prox is elementwise
     inst = _instance_count(ys[0], instance_dims)
     off = 0
-    for y, g, x, (lr_t, div, lr_s) in zip(ys, gs, xs, lr_ops):
+    for y, g, x, (lr_t, div, lr_s), f in zip(ys, gs, xs, lr_ops, strengths):
         n = y.numel()
         if n:
             inv = None
@@ -1240,7 +1288,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
                 lstride=n_total * H, m=m.data_ptr() + 4 * off if m is not None else None,
                 v=v.data_ptr() + 4 * off if v is not None else None,
                 win=win.data_ptr() + 4 * off * (W - 1) * H if win is not None else None,
-                filled=int(filled) if filled is not None else 0, w=w.data_ptr(), prox=prox_code, s0=s0, s1=s1,
+                filled=int(filled) if filled is not None else 0, w=w.data_ptr(), prox=prox_code, **_strengths(f),
                 aux0=aux[0], aux1=aux[1], aux2=aux[2], ln_eps=float(net.norms[0].eps) if cfg["MR"] else 1e-5,
                 nthreads=max(1, min(threads, n // _THREAD_CHUNK)), fs=_ptr(inv),
                 fs_div=n // inv.numel() if inv is not None else 1, hold=hold)

@@ -124,9 +124,11 @@ def fused_step(kind: str, net, state: State, ys: Sequence[Tensor], gs: Sequence[
 # ---------------------------------------------------------------- what every backend needs
 
 
-def kernel_prox(prox: str, params: Mapping[str, Any] | None) -> tuple[int, float, float] | None:
+def kernel_prox(prox: str, params: Mapping[str, Any] | None, tensors: bool = False
+                ) -> tuple[int, float | Tensor, float | Tensor] | None:
     """``(code, s0, s1)`` of a prox the kernels know (:data:`~torch_l2o.prox.KERNEL_PROX`)
-    with numeric strengths, unused slots 0; ``None`` for anything else (the reference
+    with numeric strengths (``tensors``: or tensor strengths, returned as they are, for a
+    backend that takes them), unused slots 0; ``None`` for anything else (the reference
     then runs it, and raises its own error for a bad one)."""
     from ..prox import KERNEL_PROX, get_prox
 
@@ -138,9 +140,10 @@ def kernel_prox(prox: str, params: Mapping[str, Any] | None) -> tuple[int, float
     if spec.kernel is None or set(params) - set(KERNEL_PROX[spec.name]):
         return None
     strengths = [params.get(k, spec.defaults[k]) for k in KERNEL_PROX[spec.name]]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in strengths):
+    if not all((isinstance(v, (int, float)) and not isinstance(v, bool)) or (tensors and isinstance(v, Tensor))
+               for v in strengths):
         return None
-    s0, s1 = [float(v) for v in strengths] + [0.0] * (2 - len(strengths))
+    s0, s1 = [v if isinstance(v, Tensor) else float(v) for v in strengths] + [0.0] * (2 - len(strengths))
     return spec.kernel, s0, s1
 
 
