@@ -8,7 +8,9 @@ float32) and method, the mean time of ``opt.step()`` alone (the gradient is comp
 outside the timed region) over ``--steps`` steps from ``x0``, for ``--runs`` runs taken in
 turn: FISTA-restart; PA-GRU with the mixture weights, with the watchdog in one call of the
 CPU loop's library (the default), with the watchdog's bookkeeping in numpy and PyTorch
-(the path for what that call does not serve), and without the watchdog; the same at
+(the path for what that call does not serve), without the watchdog, and with ``lam`` a
+``(B, 1)`` tensor on the loop and on the PyTorch reference (where such strengths ran before
+the loop took tensor strengths); the same at
 ``lr=None`` with the estimate's sums in one pass (the default) and in PyTorch. Then the
 estimate alone, ``stepsize.online_lipschitz``, at 1 x 10, 32 x 500 and 1024 x 500.
 """
@@ -27,6 +29,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch_l2o  # noqa: E402
+from torch_l2o.kernels.fused import use_fused  # noqa: E402
 from torch_l2o.optim import stepsize, watchdog  # noqa: E402
 from torch_l2o.problems.ood import correlated_lasso, regression_lasso  # noqa: E402
 
@@ -42,8 +45,9 @@ def declined(module, name):
         setattr(module, name, orig)
 
 
-def methods(lam, s):
+def methods(lam, s, batch):
     mix = dict(prox="l1", lam=lam, weights="lasso-mix", instance_dims=1)
+    per_instance = dict(mix, lam=torch.full((batch, 1), float(lam)))
     fr = dict(prox="l1", lam=lam, restart=True, instance_dims=1)
     none = contextlib.nullcontext
     return {
@@ -52,6 +56,9 @@ def methods(lam, s):
         "PA-GRU mix, watchdog in numpy": (lambda p: torch_l2o.PAGRU(p, lr=s, **mix),
                                           lambda: declined(watchdog, "watch_records")),
         "PA-GRU mix, no watchdog": (lambda p: torch_l2o.PAGRU(p, lr=s, watchdog=False, **mix), none),
+        "PA-GRU mix, lam a (B, 1) tensor": (lambda p: torch_l2o.PAGRU(p, lr=s, **per_instance), none),
+        "PA-GRU mix, lam a (B, 1) tensor, reference": (lambda p: torch_l2o.PAGRU(p, lr=s, **per_instance),
+                                                       lambda: use_fused(False)),
         "FISTA-restart lr=None": (lambda p: torch_l2o.FISTA(p, **fr), none),
         "FISTA-restart lr=None, sums in PyTorch": (lambda p: torch_l2o.FISTA(p, **fr),
                                                    lambda: declined(stepsize, "secant_sums")),
@@ -85,7 +92,7 @@ def main(argv=None) -> None:
     problems = {"diabetes 442 x 10": regression_lasso("diabetes").to(dtype=torch.float32),
                 "Toeplitz 32 x 250 x 500": correlated_lasso(32, seed=102).to(dtype=torch.float32)}
     for pname, prob in problems.items():
-        ms = methods(prob.prox_params["lam"], prob.step_size())
+        ms = methods(prob.prox_params["lam"], prob.step_size(), prob.batch)
         times = {label: [] for label in ms}
         step_times(prob, *ms["PA-GRU mix"], steps=3)  # the loop's library: loaded (or compiled) once
         for _ in range(a.runs):
