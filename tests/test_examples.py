@@ -42,3 +42,11 @@ def test_learned_lasso_example():
     assert int(family["L2O-PA-MR"]) < int(family["FISTA-restart"]) <= 60, out
     assert int(family["L2O-PA-GRU"]) < int(family["FISTA-restart"]), out
     assert int(other["L2O-PA-MR, lasso-mix"]) < int(other["L2O-PA-MR (default weights)"]), out
+
+
+def test_lasso_path_example():
+    """Every lam of the path certified by every method, and the solutions are scikit-learn's."""
+    out = _run("lasso_path.py")
+    assert out.count("all certified: True") == 3, out
+    diff = re.search(r"largest coefficient difference from FISTA-restart's ([\d.e+-]+)", out)
+    assert diff and float(diff.group(1)) < 1e-4, out
