@@ -1049,19 +1049,20 @@ def _operands(ts: list, lr: Any) -> list | None:
     return lr_operands(lr, ts[0], ts[0][0].dtype)  # the reference computes lr * p in the iterates' dtype
 
 
-def _prox(prox: str, params: Any, ys) -> tuple[int, list[dict]] | None:
-    """The loop's prox code and, per tensor, its strengths as ``_Args`` fields: numbers, or
-    tensors of the iterates' dtype on the CPU that broadcast as a prefix of the tensor (one
-    per instance ``(B, 1)``, or one per coordinate): a LASSO path's ``lam`` per instance,
-    an unpenalized intercept. ``None`` declines. A strength of another dtype declines: the
-    reference would compute in the promoted dtype, and holding must round as it does."""
+def _prox(prox: str, params: Any, ys) -> tuple[int, list[list]] | None:
+    """The loop's prox code and, per tensor, its two strengths: a number, or ``(tensor,
+    divisor)`` for a tensor of the iterates' dtype on the CPU that broadcasts as a prefix of
+    the tensor (one per instance ``(B, 1)``, or one per coordinate): a LASSO path's ``lam``
+    per instance, an unpenalized intercept. ``None`` declines. A strength of another dtype
+    declines: the reference would compute in the promoted dtype, and holding must round as
+    it does."""
     code = kernel_prox(prox, params, tensors=True)
     if code is None:
         return None
-    fields = []
+    per_tensor = []
     for y in ys:
-        f = {}
-        for slot, s in zip((0, 1), code[1:]):
+        slots = []
+        for s in code[1:]:
             if isinstance(s, Tensor):
                 if s.device.type != "cpu" or s.dtype != y.dtype or s.requires_grad:
                     return None
@@ -1069,17 +1070,35 @@ def _prox(prox: str, params: Any, ys) -> tuple[int, list[dict]] | None:
                 div = broadcast_divisor(s, y)
                 if div is None:
                     return None
-                f.update({f"s{slot}p": s.data_ptr(), f"s{slot}_div": div, f"s{slot}": 0.0, f"_keep{slot}": s})
-            else:
-                f[f"s{slot}"] = s
-        fields.append(f)
-    return code[0], fields
+                s = (s, div)
+            slots.append(s)
+        per_tensor.append(slots)
+    return code[0], per_tensor
 
 
-def _strengths(f: dict) -> dict:
-    """A tensor's strength fields of :func:`_prox` for ``_Args`` (the tensors they point into
-    are kept alive by ``f``)."""
-    return {k: v for k, v in f.items() if not k.startswith("_keep")}
+def _strengths(slots: list) -> dict:
+    """``_Args`` fields of one tensor's strengths from :func:`_prox` (the caller keeps
+    ``slots``, and with them the tensors the pointers point into, for the call)."""
+    out = {}
+    for i, s in enumerate(slots):
+        if isinstance(s, tuple):
+            out.update({f"s{i}": 0.0, f"s{i}p": s[0].data_ptr(), f"s{i}_div": s[1]})
+        else:
+            out[f"s{i}"] = s
+    return out
+
+
+def _instance_sums(ys, inst: int, width: tuple, call) -> Tensor:
+    """Per-instance float64 sums ``(inst, *width)`` over the tensors ``ys``: ``call(i, y,
+    out_ptr)`` writes tensor ``i``'s into ``out_ptr``."""
+    out = torch.zeros(inst, *width, dtype=torch.float64)
+    part = out if len(ys) == 1 else torch.empty(inst, *width, dtype=torch.float64)
+    for i, y in enumerate(ys):
+        if y.numel():
+            call(i, y, part.data_ptr())
+            if part is not out:
+                out += part
+    return out
 
 
 def _instance_count(y: Tensor, k: int) -> int:
@@ -1102,17 +1121,15 @@ def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> T
     if lib is None:
         return None
     inst = _instance_count(ys[0], instance_dims)
-    out = torch.zeros(inst, dtype=torch.float64)
-    part = out if len(ys) == 1 else torch.empty(inst, dtype=torch.float64)
     fn = lib.l2o_residuals_f32 if ys[0].dtype == torch.float32 else lib.l2o_residuals_f64
-    for y, g, (lr_t, div, lr_s), f in zip(ys, gs, lr_ops, code[1]):
-        if y.numel():
-            args = _Args(n=y.numel(), y=y.data_ptr(), g=g.data_ptr(), lr=_ptr(lr_t), lr_div=div, lr_scalar=lr_s,
-                         prox=code[0], **_strengths(f))
-            fn(ctypes.byref(args), y.numel() // inst, part.data_ptr())
-            if part is not out:
-                out += part
-    return out
+
+    def call(i, y, out):
+        lr_t, div, lr_s = lr_ops[i]
+        args = _Args(n=y.numel(), y=y.data_ptr(), g=gs[i].data_ptr(), lr=_ptr(lr_t), lr_div=div, lr_scalar=lr_s,
+                     prox=code[0], **_strengths(code[1][i]))
+        fn(ctypes.byref(args), y.numel() // inst, out)
+
+    return _instance_sums(ys, inst, (), call)
 
 
 def watch_records(y: Tensor, g: Tensor, lr: Any, prox: str, params: Any, instance_dims: int, rec: dict,
@@ -1174,17 +1191,14 @@ def secant_sums(ys, gs, ys_prev, gs_prev, instance_dims: int):
     if lib is None:
         return None
     inst = _instance_count(ys[0], instance_dims)
-    out = torch.zeros(inst, 4, dtype=torch.float64)
-    part = out if len(ys) == 1 else torch.empty(inst, 4, dtype=torch.float64)
     fn = lib.l2o_secant_f32 if ys[0].dtype == torch.float32 else lib.l2o_secant_f64
     new_ys, new_gs = [torch.empty_like(y) for y in ys], [torch.empty_like(g) for g in gs]
-    for y, g, yp, gp, ny, ng in zip(ys, gs, ys_prev, gs_prev, new_ys, new_gs):
-        if y.numel():
-            fn(y.data_ptr(), g.data_ptr(), yp.data_ptr(), gp.data_ptr(), ny.data_ptr(), ng.data_ptr(), y.numel(),
-               y.numel() // inst, part.data_ptr())
-            if part is not out:
-                out += part
-    return out, new_ys, new_gs
+
+    def call(i, y, out):
+        fn(y.data_ptr(), gs[i].data_ptr(), ys_prev[i].data_ptr(), gs_prev[i].data_ptr(), new_ys[i].data_ptr(),
+           new_gs[i].data_ptr(), y.numel(), y.numel() // inst, out)
+
+    return _instance_sums(ys, inst, (4,), call), new_ys, new_gs
 
 
 # A library for the reductions alone (any configuration holds them; this one compiles fastest)
