@@ -17,6 +17,7 @@ import platform
 
 import pytest
 import torch
+from strength_cases import STRENGTHS, tensor_strengths
 
 import torch_l2o
 from torch_l2o.kernels import cpu_step
@@ -127,26 +128,6 @@ def test_one_step_matches_reference(name, variant):
     _step_both(kind, update, net, state, ys, gs, xs if kind == "pa" else ys, lrs, prox, params, step=3)
 
 
-def _strengths(variant, shape, dtype):
-    gen = torch.Generator().manual_seed(8)
-    per_instance = lambda lo, hi: (lo + (hi - lo) * torch.rand(shape[0], 1, generator=gen)).to(dtype)  # noqa: E731
-    if variant == "l1, lam per instance":
-        return "l1", {"lam": per_instance(0.02, 0.3)}
-    if variant == "l1, lam per coordinate, an unpenalized one":
-        lam = (0.2 * torch.rand(shape, generator=gen)).to(dtype)
-        lam[:, -1] = 0.0
-        return "l1", {"lam": lam}
-    if variant == "elastic_net, lam per coordinate, lam2 per instance":
-        return "elastic_net", {"lam": (0.2 * torch.rand(shape, generator=gen)).to(dtype), "lam2": per_instance(0.1, 1.0)}
-    if variant == "box, bounds per instance":
-        return "box", {"lo": per_instance(-0.8, -0.1), "hi": per_instance(0.1, 0.9)}
-    raise AssertionError(variant)
-
-
-STRENGTHS = ["l1, lam per instance", "l1, lam per coordinate, an unpenalized one",
-             "elastic_net, lam per coordinate, lam2 per instance", "box, bounds per instance"]
-
-
 @pytest.mark.parametrize("name", ["pa", "pagru", "pamr", "l2odm"])
 @pytest.mark.parametrize("variant", STRENGTHS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -157,7 +138,7 @@ def test_tensor_strengths_match_reference(name, variant, dtype):
     kind, update, make = NETS[name]
     net = make()
     shapes = [(4, 40)]
-    prox, params = _strengths(variant, shapes[0], dtype)
+    prox, params = tensor_strengths(variant, shapes[0], dtype)
     lrs = [torch.tensor([[0.05], [0.1], [0.02], [0.2]], dtype=dtype)]
     state = _state(net, shapes, kind, update, lrs, prox, params)
     ys, gs, xs = _problem(shapes, dtype, seed=2)
@@ -174,7 +155,7 @@ def test_watchdog_with_tensor_strengths_matches_reference(variant):
     from torch_l2o.kernels.cpu_step import prox_residuals
     from torch_l2o.kernels.reference import prox_point_reference
 
-    prox, params = _strengths(variant, (4, 40), torch.float32)
+    prox, params = tensor_strengths(variant, (4, 40), torch.float32)
     ys, gs, _ = _problem([(4, 40)], torch.float32, seed=6)
     lrs = [torch.tensor([[0.05], [0.1], [0.02], [0.2]])]
     with use_fused("cpu"):

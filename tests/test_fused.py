@@ -16,6 +16,7 @@ import copy
 
 import pytest
 import torch
+from strength_cases import STRENGTHS, tensor_strengths
 
 import torch_l2o
 from torch_l2o.kernels import HAVE_TRITON, interpret_mode
@@ -121,6 +122,39 @@ def test_one_step_matches_reference(name, variant):
             assert torch.equal(got_state[k], ref_state[k])
 
 
+@pytest.mark.parametrize("name", ["pagru", "pamr-scaled", "l2odm"])
+@pytest.mark.parametrize("variant", STRENGTHS)
+def test_tensor_strengths_match_reference(name, variant):
+    """Prox strengths as tensors of the iterates' dtype, one per instance ``(B, 1)`` or one
+    per coordinate (a LASSO path's ``lam`` per instance, an unpenalized intercept): the
+    kernel steps as the reference does, held coordinates included."""
+    kind, update, make = NETS[name]
+    net = make().to(DEVICE)
+    shapes = [(4, 40)]
+    prox, params = tensor_strengths(variant, shapes[0], torch.float32, DEVICE)
+    lrs = [torch.tensor([[0.05], [0.1], [0.02], [0.2]], device=DEVICE)]
+    state = _state(net, shapes, kind, update, lrs, prox, params)
+    ys, gs, xs = _problem(shapes, torch.float32, seed=2)
+    ys[0][:, ::4], gs[0][:, ::4] = 0.0, 0.001  # fixed points of l1 and elastic_net: held where hold_fixed
+    xs = xs if kind == "pa" else ys
+    if kind == "pa":
+        xs[0][:, ::4] = 0.0
+    ref_ys, ref_xs = [y.clone() for y in ys], [x.clone() for x in xs]
+    ref_xs = ref_xs if kind == "pa" else ref_ys
+    with use_fused(False), torch.no_grad():
+        _, _, ref_state = update(net, copy.deepcopy(state), ref_ys, gs, ref_xs, lr=lrs, prox=prox, params=params,
+                                 step=3, inplace=True, instance_dims=1)
+    with use_fused("triton"):
+        got_state = learned_step_triton(kind, net, copy.deepcopy(state), ys, gs, xs, lr=lrs, prox=prox,
+                                        params=params, step=3, instance_dims=1)
+    assert got_state is not None, "the kernel declined a step it serves"
+    _close(ys[0], ref_ys[0], "y")
+    _close(xs[0], ref_xs[0], "x")
+    for k in ref_state:
+        if ref_state[k].is_floating_point():
+            _close(got_state[k], ref_state[k], f"state[{k!r}]")
+
+
 @pytest.mark.parametrize("arch", ["pa", "pamr"])
 def test_drift_over_1000_steps(arch):
     """The optimizer run fused and unfused from the same start on a LASSO batch: the
@@ -175,6 +209,11 @@ def _declines():
                                params={"lam": 0.1}, step=0) is None
     yg = [ys[0].clone().requires_grad_(True)]
     assert fused_step("pa", pa, pa.init_state(60, DEVICE), yg, gs, xs, **common) is None
+    # a tensor strength of another dtype (the reference computes in the promoted one), or
+    # whose shape is no prefix of the iterates'
+    for lam in (torch.full((2, 1), 0.1, dtype=torch.float64, device=DEVICE), torch.full((30,), 0.1, device=DEVICE)):
+        assert learned_step_triton("pa", pa, pa.init_state(60, DEVICE), ys, gs, xs, lr=0.1, prox="l1",
+                                   params={"lam": lam}, step=0) is None
     # RNNProp applies no prox
     rp = RNNPropNet().to(DEVICE)
     assert learned_step_triton("rnnprop", rp, rp.init_state(60, DEVICE), ys, gs, ys, **common) is None

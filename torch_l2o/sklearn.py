@@ -220,8 +220,8 @@ class LogisticRegression(ClassifierMixin, _TorchL2OEstimator):
         if self.fit_intercept:
             lam[-1] = 0.0  # the intercept is not penalized
         W = self._tensor(feats)
-        # a uniform strength as a number (what every fused step serves, the GPU kernel included),
-        # else one per problem and coordinate (the intercept's 0), a shape the CPU loop serves
+        # a uniform strength as a number, else one per problem and coordinate (the intercept's
+        # 0): both shapes the fused steps serve
         strength = float(lam[0]) if not self.fit_intercept else self._tensor(np.broadcast_to(lam, (len(Y), len(lam))))
         problem = LogisticProblem(W=W.expand(len(Y), -1, -1), y=self._tensor(Y.astype(np.float64)),
                                       prox="l1", prox_params={"lam": strength})

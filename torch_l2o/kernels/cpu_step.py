@@ -81,8 +81,8 @@ import torch
 from torch import Tensor, nn
 
 from . import fused
-from .fused import kernel_prox, lr_operands, packed_weights, register_step_backend, requested, step_constants
-from .triton_step import broadcast_divisor, interpret_mode
+from .fused import lr_operands, packed_weights, prox_strengths, register_step_backend, requested, step_constants
+from .triton_step import interpret_mode
 
 __all__ = ["compile_library", "cpu_learned_step", "prox_residuals", "secant_sums", "set_cpu_step_backend",
            "watch_records"]
@@ -1049,42 +1049,15 @@ def _operands(ts: list, lr: Any) -> list | None:
     return lr_operands(lr, ts[0], ts[0][0].dtype)  # the reference computes lr * p in the iterates' dtype
 
 
-def _prox(prox: str, params: Any, ys) -> tuple[int, list[list]] | None:
-    """The loop's prox code and, per tensor, its two strengths: a number, or ``(tensor,
-    divisor)`` for a tensor of the iterates' dtype on the CPU that broadcasts as a prefix of
-    the tensor (one per instance ``(B, 1)``, or one per coordinate): a LASSO path's ``lam``
-    per instance, an unpenalized intercept. ``None`` declines. A strength of another dtype
-    declines: the reference would compute in the promoted dtype, and holding must round as
-    it does."""
-    code = kernel_prox(prox, params, tensors=True)
-    if code is None:
-        return None
-    per_tensor = []
-    for y in ys:
-        slots = []
-        for s in code[1:]:
-            if isinstance(s, Tensor):
-                if s.device.type != "cpu" or s.dtype != y.dtype or s.requires_grad:
-                    return None
-                s = s.contiguous()
-                div = broadcast_divisor(s, y)
-                if div is None:
-                    return None
-                s = (s, div)
-            slots.append(s)
-        per_tensor.append(slots)
-    return code[0], per_tensor
-
-
 def _strengths(slots: list) -> dict:
-    """``_Args`` fields of one tensor's strengths from :func:`_prox` (the caller keeps
-    ``slots``, and with them the tensors the pointers point into, for the call)."""
+    """``_Args`` fields of one tensor's strength slots from
+    :func:`~torch_l2o.kernels.fused.prox_strengths` (the caller keeps ``slots``, and with
+    them the tensors the pointers point into, for the call)."""
     out = {}
-    for i, s in enumerate(slots):
-        if isinstance(s, tuple):
-            out.update({f"s{i}": 0.0, f"s{i}p": s[0].data_ptr(), f"s{i}_div": s[1]})
-        else:
-            out[f"s{i}"] = s
+    for i, (num, t, div) in enumerate(slots):
+        out[f"s{i}"] = num
+        if t is not None:
+            out.update({f"s{i}p": t.data_ptr(), f"s{i}_div": div})
     return out
 
 
@@ -1115,7 +1088,7 @@ def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> T
     passes); ``None`` declines (the caller computes it in PyTorch)."""
     if not _serving() or not ys:
         return None
-    code = _prox(prox, params, ys)
+    code = prox_strengths(prox, params, ys)
     lr_ops = _operands([list(ys), list(gs)], list(lrs)) if code is not None else None
     lib = _helpers() if lr_ops is not None else None
     if lib is None:
@@ -1143,7 +1116,7 @@ def watch_records(y: Tensor, g: Tensor, lr: Any, prox: str, params: Any, instanc
     On a small problem the PyTorch/numpy path costs ~150 us a step, more than the step."""
     if not _serving():
         return None
-    code = _prox(prox, params, [y])
+    code = prox_strengths(prox, params, [y])
     lr_ops = _operands([[y], [g]], [lr]) if code is not None else None
     lib = _helpers() if lr_ops is not None else None
     if lib is None or not y.numel() or not (best.dtype == y.dtype and best.shape == y.shape and best.is_contiguous()):
@@ -1236,7 +1209,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     cfg = _config(kind, net)
     if cfg is None:
         return None
-    code = _prox(prox, params, ys)
+    code = prox_strengths(prox, params, ys)
     if code is None or (kind == "rnnprop" and prox != "none"):
         return None
     prox_code, strengths = code

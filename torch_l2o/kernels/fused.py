@@ -147,6 +147,37 @@ def kernel_prox(prox: str, params: Mapping[str, Any] | None, tensors: bool = Fal
     return spec.kernel, s0, s1
 
 
+def prox_strengths(prox: str, params: Mapping[str, Any] | None, ys: Sequence[Tensor]
+                   ) -> tuple[int, list[list[tuple[float, Tensor | None, int]]]] | None:
+    """The kernels' prox code and, per tensor of ``ys``, its two strength slots as
+    ``(number, tensor or None, divisor)``: a number, or a tensor of the iterates' dtype and
+    device that broadcasts as a prefix of the tensor (one per instance ``(B, 1)``, one per
+    coordinate): a LASSO path's ``lam`` per instance, an unpenalized intercept. ``None``
+    declines. A strength of another dtype declines: the reference computes in the promoted
+    dtype, and holding must round as it does."""
+    from .triton_step import broadcast_divisor
+
+    code = kernel_prox(prox, params, tensors=True)
+    if code is None:
+        return None
+    per_tensor = []
+    for y in ys:
+        slots = []
+        for s in code[1:]:
+            if not isinstance(s, Tensor):
+                slots.append((s, None, 1))
+                continue
+            if s.device != y.device or s.dtype != y.dtype or s.requires_grad:
+                return None
+            s = s.contiguous()
+            div = broadcast_divisor(s, y)
+            if div is None:
+                return None
+            slots.append((0.0, s, div))
+        per_tensor.append(slots)
+    return code[0], per_tensor
+
+
 def lr_operands(lr: Any, ys: Sequence[Tensor], dtype: torch.dtype | None = None
                 ) -> list[tuple[Tensor | None, int, float]] | None:
     """Per tensor ``(lr tensor or None, its broadcast divisor, scalar lr)``: a number, or a

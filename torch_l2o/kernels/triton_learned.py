@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .fused import (input_scales, kernel_prox, lr_operands, packed_weights, register_step_backend, requested,
+from .fused import (input_scales, lr_operands, packed_weights, prox_strengths, register_step_backend, requested,
                     step_constants)
 from .triton_step import HAVE_TRITON, KERNEL_DTYPES, interpret_mode
 
@@ -170,11 +170,12 @@ if HAVE_TRITON:
     @triton.jit
     def _learned_step_kernel(
         x_ptr, y_ptr, g_ptr, lr_ptr, h_ptr, c_ptr, m_ptr, v_ptr, win_ptr, filled_ptr,
-        wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, head_ptr, mr_ptr, fs_ptr, held_ptr,
-        n, lr_div, t_scale, s0, s1, stride_l, aux0, aux1, aux2, ln_eps, fs_div,
+        wx0_ptr, wx_ptr, wh_ptr, b_ptr, bhn_ptr, head_ptr, mr_ptr, fs_ptr, held_ptr, s0_ptr, s1_ptr,
+        n, lr_div, t_scale, s0, s1, s0_div, s1_div, stride_l, aux0, aux1, aux2, ln_eps, fs_div,
         KIND: tl.constexpr, LSTM: tl.constexpr, LAYERS: tl.constexpr, H: tl.constexpr, HP: tl.constexpr,
         PROX: tl.constexpr, HAS_LR: tl.constexpr, MR: tl.constexpr, W: tl.constexpr, GRAD_X: tl.constexpr,
-        SCALED: tl.constexpr, HOLD: tl.constexpr, BLOCK: tl.constexpr, PREC: tl.constexpr,
+        SCALED: tl.constexpr, HOLD: tl.constexpr, S0_T: tl.constexpr, S1_T: tl.constexpr,
+        BLOCK: tl.constexpr, PREC: tl.constexpr,
     ):
         pid = tl.program_id(0).to(tl.int64)
         rows = pid * BLOCK + tl.arange(0, BLOCK)
@@ -187,6 +188,11 @@ if HAVE_TRITON:
             lr = tl.load(lr_ptr + rows // lr_div, mask=rmask, other=0.0).to(tl.float32) * t_scale
         else:
             lr = t_scale + tl.zeros_like(y)
+        # prox strengths: numbers, or tensors with one per instance or coordinate (S0_T, S1_T)
+        if S0_T:
+            s0 = tl.load(s0_ptr + rows // s0_div, mask=rmask, other=0.0).to(tl.float32)
+        if S1_T:
+            s1 = tl.load(s1_ptr + rows // s1_div, mask=rmask, other=0.0).to(tl.float32)
         MM: tl.constexpr = HP * HP
 
         if KIND == 0:  # the PA family: features [g, y], or [s g, y] / sigma (1 / sigma per instance: fs_ptr)
@@ -359,7 +365,7 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
     y0 = ys[0]
     if not (y0.is_cuda or (interpret_mode() and requested() == "triton")) or torch.compiler.is_compiling():
         return None
-    code = kernel_prox(prox, params)
+    code = prox_strengths(prox, params, ys)
     if code is None or (kind == "rnnprop" and prox != "none"):
         return None
     wdev = next(net.parameters()).device
@@ -387,7 +393,7 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
     W = net.window if mr else 1
     if mr and W > 1 and win is None:
         return None
-    prox_code, s0, s1 = code
+    prox_code, slots = code
     aux = step_constants(kind, net, step)
     ln_eps = float(net.norms[0].eps) if mr else 1e-5
     m, v = new.get("m"), new.get("v")
@@ -403,9 +409,10 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
         from ..optim.functional import _lrs, held_coordinates
 
         held = held_coordinates(ys, gs, xs, _lrs(lr, len(ys)), prox, params).view(torch.uint8)
-    for y, g, x, (lr_t, lr_div, lr_s), inv in zip(ys, gs, xs, lr_ops, scales):
+    for y, g, x, (lr_t, lr_div, lr_s), inv, (st0, st1) in zip(ys, gs, xs, lr_ops, scales, slots):
         n = y.numel()
         if n:
+            (s0, s0_t, s0_div), (s1, s1_t, s1_div) = st0, st1
             _learned_step_kernel[(triton.cdiv(n, block),)](
                 x, y, g, lr_t if lr_t is not None else y,
                 h[:, off:], c[:, off:],
@@ -413,11 +420,13 @@ def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step,
                 win[off:] if win is not None else y, filled if filled is not None else h,
                 w["wx0"], w["wx"], w["wh"], w["b"], w["bhn"], w["head"], w.get("mr", w["head"]),
                 inv if inv is not None else h, held[off:] if held is not None else h,
-                n, lr_div, lr_s,
-                s0, s1, h.stride(0), *aux, ln_eps, n // inv.numel() if inv is not None else 1,
+                s0_t if s0_t is not None else y, s1_t if s1_t is not None else y,
+                n, lr_div, lr_s, s0, s1, s0_div, s1_div,
+                h.stride(0), *aux, ln_eps, n // inv.numel() if inv is not None else 1,
                 KIND=KINDS[kind], LSTM=isinstance(rnn, nn.LSTM), LAYERS=rnn.num_layers, H=rnn.hidden_size,
                 HP=w["hp"], PROX=prox_code, HAS_LR=lr_t is not None, MR=mr, W=W,
-                GRAD_X=kind == "dm" and net.inputs == "grad_x", SCALED=scaled, HOLD=held is not None, BLOCK=block,
+                GRAD_X=kind == "dm" and net.inputs == "grad_x", SCALED=scaled, HOLD=held is not None,
+                S0_T=s0_t is not None, S1_T=s1_t is not None, BLOCK=block,
                 PREC=CONFIG["precision"],
                 num_warps=CONFIG["num_warps"],
             )
