@@ -300,7 +300,9 @@ VARIANTS = {"coordinates": (("pamr",), {"attend": "coordinates"}),
             "scaled": (("pa", "pagru", "pamr"), {"inputs": "scaled"}),
             # GRU 2 x 8: about a third of the default network's work per coordinate, for
             # problems whose gradient is cheap beside the learned step
-            "small": (("pagru",), {"hidden": 8})}
+            "small": (("pagru",), {"hidden": 8}),
+            # the scaled inputs and the prox-gradient step: the threshold the network cannot see otherwise
+            "prox": (("pa", "pagru", "pamr"), {"inputs": "prox"})}
 
 
 SELECT = dict(instances=512, iters=300, seed=4242)
@@ -564,7 +566,7 @@ def main(argv=None):
     ap.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                     help="override a training setting (horizon=300, lr=1e-3, ...); repeatable")
     ap.add_argument("--init", help="start from these weights (a shipped name such as pamr-lasso, or a path): fine-tuning")
-    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates; pa, pagru, pamr: scaled; pagru: small, GRU 2 x 8)")
+    ap.add_argument("--variant", choices=sorted(VARIANTS), help="a variant of the network (pamr: coordinates; pa, pagru, pamr: scaled, prox; pagru: small, GRU 2 x 8)")
     args = ap.parse_args(argv)
     families = list(FAMILIES) if "all" in args.family else args.family
     unknown = [f for f in families if f not in FAMILIES]

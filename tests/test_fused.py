@@ -214,6 +214,9 @@ def _declines():
     for lam in (torch.full((2, 1), 0.1, dtype=torch.float64, device=DEVICE), torch.full((30,), 0.1, device=DEVICE)):
         assert learned_step_triton("pa", pa, pa.init_state(60, DEVICE), ys, gs, xs, lr=0.1, prox="l1",
                                    params={"lam": lam}, step=0) is None
+    # three inputs per coordinate: the reference's
+    three = PAGRUNet(inputs="prox").to(DEVICE)
+    assert learned_step_triton("pa", three, three.init_state(60, DEVICE), ys, gs, xs, **common) is None
     # RNNProp applies no prox
     rp = RNNPropNet().to(DEVICE)
     assert learned_step_triton("rnnprop", rp, rp.init_state(60, DEVICE), ys, gs, ys, **common) is None

@@ -49,6 +49,37 @@ def test_scaled_features_are_invariant_to_scale(c, seed):
     torch.testing.assert_close(f3, f, rtol=1e-5, atol=1e-6)
 
 
+def test_prox_features_by_hand():
+    """``"prox"``: the scaled pair and the soft-thresholding step over the same sigma; a
+    coordinate inside the threshold at zero has a zero step, one on the support moves by
+    ``-s (g + lam sign)``."""
+    y, g = _yg(4)
+    y[:, :5] = 0.0
+    s, lam = 0.3, 0.7
+    f = pa_features([y], [g], [s], inputs="prox", instance_dims=1, prox="l1", params={"lam": lam})
+    scaled = pa_features([y], [g], [s], inputs="scaled", instance_dims=1)
+    torch.testing.assert_close(f[:, :2], scaled)
+    sigma = torch.maximum(y.abs(), (s * g).abs()).square().mean(1, keepdim=True).sqrt()
+    z = y - s * g
+    step = torch.sign(z) * torch.clamp(z.abs() - s * lam, min=0) - y
+    torch.testing.assert_close(f[:, 2], (step / sigma).reshape(-1))
+    inside = (y == 0) & ((s * g).abs() <= s * lam)
+    assert inside.any() and (f[:, 2].reshape(y.shape)[inside] == 0).all()
+
+
+@given(c=st.floats(1e-3, 1e3), seed=st.integers(0, 2**16))
+def test_prox_features_are_invariant_to_scale(c, seed):
+    """``(y, s g, lam) -> c (y, s g, lam)`` per instance (a LASSO's ``b`` and ``lam`` times
+    ``c``) leaves all three features unchanged: the threshold scales with the problem."""
+    y, g = _yg(seed)
+    cs = torch.tensor([[c], [1.0], [1 / c]])
+    s = torch.tensor([[0.5], [2.0], [1.0]])
+    lam = torch.tensor([[0.3], [0.1], [0.05]])
+    f = pa_features([y], [g], [s], inputs="prox", instance_dims=1, prox="l1", params={"lam": lam})
+    f2 = pa_features([y * cs], [g * cs], [s], inputs="prox", instance_dims=1, prox="l1", params={"lam": lam * cs})
+    torch.testing.assert_close(f2, f, rtol=1e-5, atol=1e-6)
+
+
 def test_scaled_features_zero_scale_and_several_tensors():
     y, g = _yg(2)
     y[1], g[1] = 0, 0  # an instance already at x = 0 with g = 0
@@ -58,18 +89,19 @@ def test_scaled_features_zero_scale_and_several_tensors():
     y2, g2 = _yg(3, (3, 7))
     both = pa_features([y, y2], [g, g2], [1.0, 0.5], inputs="scaled", instance_dims=1)
     torch.testing.assert_close(both, torch.cat([f, pa_features([y2], [g2], [0.5], inputs="scaled", instance_dims=1)]))
-    with pytest.raises(ValueError, match="raw.*scaled"):
+    with pytest.raises(ValueError, match="raw.*scaled.*prox"):
         pa_features([y], [g], [1.0], inputs="log")
     with pytest.raises(ValueError, match="inputs must be"):
         PANet(inputs="log")
 
 
+@pytest.mark.parametrize("inputs", ["scaled", "prox"])
 @pytest.mark.parametrize("Net", [PANet, PAGRUNet, PAMRNet])
-def test_scaled_optimizer_is_scale_equivariant(Net):
-    """The whole learned optimizer with scaled inputs on ``(c b, c lam)`` gives ``c x_k``:
+def test_scaled_optimizer_is_scale_equivariant(Net, inputs):
+    """The whole learned optimizer with scale-free inputs on ``(c b, c lam)`` gives ``c x_k``:
     what it learned at one scale holds at every scale. With raw inputs it does not."""
     torch.manual_seed(0)
-    net = Net(inputs="scaled").eval()
+    net = Net(inputs=inputs).eval()
     sd = net.state_dict()
     prob = Lasso(m=30, n=60, sparsity=6).sample(4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     s = prob.step_size()
@@ -85,9 +117,11 @@ def test_scaled_optimizer_is_scale_equivariant(Net):
         return opt.solution(x).detach()
 
     # the network computes in float32: equal to its rounding (1e-7), amplified by 15 steps
-    base = run(1.0, "scaled")
+    base = run(1.0, inputs)
     for c in (1e-3, 50.0):
-        torch.testing.assert_close(run(c, "scaled"), c * base, rtol=1e-4, atol=1e-6 * c * float(base.abs().max()))
+        torch.testing.assert_close(run(c, inputs), c * base, rtol=1e-4, atol=1e-6 * c * float(base.abs().max()))
+    if inputs != "scaled":
+        return
     raw = run(1.0, "raw")
     assert (run(50.0, "raw") - 50.0 * raw).abs().max() > 1e-2 * 50.0 * raw.abs().max()
 

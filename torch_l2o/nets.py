@@ -130,8 +130,13 @@ def _check_inputs(inputs: str) -> str:
 
 
 # The PA networks' inputs (torch_l2o.optim.functional.pa_features): "raw" [g, y] as in the
-# papers, or "scaled" [s g / sigma, y / sigma] with a per-instance scale sigma.
-PA_INPUTS = ("raw", "scaled")
+# papers, "scaled" [s g / sigma, y / sigma] with a per-instance scale sigma, or "prox" the
+# scaled pair and the prox-gradient step (prox_{s r}(y - s g) - y) / sigma.
+PA_INPUTS = ("raw", "scaled", "prox")
+
+
+def _pa_rnn(cell, inputs: str, hidden: int, layers: int) -> nn.RNNBase:
+    return cell(3 if inputs == "prox" else 2, hidden, layers)
 
 
 class PANet(CoordinateNet):
@@ -148,9 +153,9 @@ class PANet(CoordinateNet):
 
     def __init__(self, hidden: int = 20, layers: int = 2, inputs: str = "raw", hold_fixed: bool = True) -> None:
         super().__init__()
-        self.rnn = nn.LSTM(2, hidden, layers)
-        self.heads = _PAHeads(hidden)
         self.inputs = _check_inputs(inputs)
+        self.rnn = _pa_rnn(nn.LSTM, inputs, hidden, layers)
+        self.heads = _PAHeads(hidden)
         self.hold_fixed = bool(hold_fixed)
 
     def init_state(self, n, device=None):
@@ -171,9 +176,9 @@ class PAGRUNet(PANet):
 
     def __init__(self, hidden: int = 16, layers: int = 2, inputs: str = "raw", hold_fixed: bool = True) -> None:
         CoordinateNet.__init__(self)
-        self.rnn = nn.GRU(2, hidden, layers)
-        self.heads = _PAHeads(hidden)
         self.inputs = _check_inputs(inputs)
+        self.rnn = _pa_rnn(nn.GRU, inputs, hidden, layers)
+        self.heads = _PAHeads(hidden)
         self.hold_fixed = bool(hold_fixed)
 
 
@@ -202,7 +207,7 @@ class PAMRNet(CoordinateNet):
             raise ValueError(f"attend must be 'window' or 'coordinates', got {attend!r}")
         if window < 1:
             raise ValueError(f"window must be >= 1, got {window}")
-        self.rnn = nn.GRU(2, hidden, layers)
+        self.rnn = _pa_rnn(nn.GRU, inputs, hidden, layers)
         self.attn = nn.MultiheadAttention(hidden, heads, batch_first=True)
         self.ffn = nn.ModuleList(nn.Linear(hidden, hidden) for _ in range(2))
         self.norms = nn.ModuleList(nn.LayerNorm(hidden) for _ in range(2))

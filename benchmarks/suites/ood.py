@@ -16,8 +16,8 @@ Per set, every method starts at 0 with the true ``1/L`` per instance (``0.9999 /
 float32 against a float64 ``F*`` (``reference_solve``): FISTA with adaptive restart (the
 baseline, first), FISTA, the three learned optimizers with the shipped weights of the
 family (watchdog on, the default), the mixture-trained weights where they are shipped
-(``"lasso-mix"``, ``"logistic-mix"``: rows "... mix"; their small PA-GRU, ``"lasso-mix-small"``:
-"... mix small", unguarded only), the first mixture row again with ``hold_fixed=False``
+(``"lasso-mix"``, ``"logistic-mix"``: rows "... mix"; their studied variants where their files
+are in ``pretrained/``, e.g. ``"lasso-mix-small"``: "... mix small", unguarded only), the first mixture row again with ``hold_fixed=False``
 (every coordinate's network run at every step: what the default saves, in seconds), and
 the same with ``safeguard=True`` (driven by ``step(closure)``). A run stops once its mean relative error is at most 1e-6; the budget is 2000
 iterations unless ``--iters`` says otherwise. The
@@ -53,6 +53,8 @@ from bench_lib import plot_traces, retime, run_method, shipped
 TARGETS = (1e-4, 1e-6)
 LEARNED = ("pa", "pagru", "pamr")
 BASELINE = "FISTA-restart"
+# train.py --variant: "small" (PA-GRU 2 x 8), "prox" (the prox-gradient step as a third input)
+MIX_VARIANTS = ("small", "prox")
 BUDGET = 2000  # iterations, unless --iters is given (FISTA-restart needs 1121 on the Gaussian-b LASSO)
 _EARLY_STOP = "stop_below" in inspect.signature(run_method).parameters
 
@@ -103,10 +105,10 @@ def methods(problem, weights: str, auto: bool = False):
     # the single-family weights, then the mixture-trained ones ("lasso-mix", "logistic-mix") where shipped
     learned = [(label, cls, weights) for label, _, cls in shipped(weights, LEARNED)]
     learned += [(f"{label} mix", cls, f"{weights}-mix") for label, _, cls in shipped(f"{weights}-mix", LEARNED)]
-    # the mixtures' small variant (PA-GRU 2 x 8, "lasso-mix-small"): unguarded rows only
-    small = [(f"{label} mix small", cls, f"{weights}-mix-small")
-             for label, _, cls in shipped(f"{weights}-mix-small", LEARNED)]
-    for label, cls, w in learned + small:
+    # the mixtures' studied variants, where their files are in pretrained/: unguarded rows only
+    variants = [(f"{label} mix {v}", cls, f"{weights}-mix-{v}") for v in MIX_VARIANTS
+                for label, _, cls in shipped(f"{weights}-mix-{v}", LEARNED)]
+    for label, cls, w in learned + variants:
         out.append((label, lambda ps, cls=cls, w=w: cls(ps, prox="l1", lam=lam, lr=s, weights=w, instance_dims=1),
                     False))
     # the papers' recurrence for the first mixture row: what holding the converged coordinates

@@ -355,7 +355,10 @@ def _serves(kind: str, net: nn.Module) -> bool:
         return False
     rnn = net.rnn
     plain = rnn.bias and not rnn.bidirectional and getattr(rnn, "proj_size", 0) == 0 and not rnn.batch_first
-    return plain and rnn.hidden_size <= MAX_HIDDEN
+    # two inputs per coordinate (RNNProp: its input layer's width); a PA network on the
+    # three "prox" inputs runs the reference
+    width = rnn.hidden_size if t is RNNPropNet else 2
+    return plain and rnn.hidden_size <= MAX_HIDDEN and rnn.input_size == width
 
 
 def learned_step_triton(kind, net, state, ys, gs, xs, *, lr, prox, params, step, instance_dims=0):

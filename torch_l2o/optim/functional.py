@@ -130,7 +130,7 @@ def _lrs(lr: Lr | Sequence[Lr], n: int) -> Sequence[Lr]:
 
 
 def pa_features(ys: Sequence[Tensor], gs: Sequence[Tensor], lrs: Sequence[Lr], *, inputs: str = "raw",
-                instance_dims: int = 0) -> Tensor:
+                instance_dims: int = 0, prox: str = "none", params: Mapping[str, Any] | None = None) -> Tensor:
     r"""The PA networks' per-coordinate inputs, ``(N, 2)`` float32, detached.
 
     ``"raw"`` (the papers): :math:`[\nabla f(y), y]`. ``"scaled"``: the gradient step and
@@ -145,17 +145,24 @@ def pa_features(ys: Sequence[Tensor], gs: Sequence[Tensor], lrs: Sequence[Lr], *
     rescaling the problem (``b -> c b, lam -> c lam`` in a LASSO; ``A -> c A`` with
     ``s = 1/L``), so a network trained at one scale sees the same inputs at any other.
     A zero ``sigma`` (``y = 0`` and ``g = 0``: already optimal) gives zero features.
+    ``"prox"`` (a study): the scaled pair and the prox-gradient step
+    :math:`(\operatorname{prox}_{s r}(y - s\nabla f(y)) - y) / \sigma`, the one input that
+    knows the regulariser's strength (``prox``, ``params``: the step's).
     """
     if inputs == "raw":
         return torch.stack([_flat(gs), _flat(ys)], -1).float()
-    if inputs != "scaled":
-        raise ValueError(f"inputs must be 'raw' or 'scaled', got {inputs!r}")
+    if inputs not in ("scaled", "prox"):
+        raise ValueError(f"inputs must be 'raw', 'scaled' or 'prox', got {inputs!r}")
     cols = []
     for y, g, s in zip(ys, gs, lrs):
         inv, sg = _input_scale(y, g, s, instance_dims)
         inst = inv.shape[0]
-        cols.append(torch.stack([(sg.reshape(inst, -1) * inv).reshape(-1),
-                                 (y.detach().float().reshape(inst, -1) * inv).reshape(-1)], -1))
+        yd = y.detach()
+        f = [sg.reshape(inst, -1) * inv, yd.float().reshape(inst, -1) * inv]
+        if inputs == "prox":
+            step = prox_point_reference(yd, g.detach(), s, 1.0, prox, params) - yd
+            f.append(step.float().reshape(inst, -1) * inv)
+        cols.append(torch.stack([c.reshape(-1) for c in f], -1))
     return cols[0] if len(cols) == 1 else torch.cat(cols)
 
 
@@ -206,7 +213,8 @@ def pa_update(
         return out
     lrs = _lrs(lr, len(ys))
     held = held_coordinates(ys, gs, xs, lrs, prox, params) if getattr(net, "hold_fixed", False) else None
-    feats = pa_features(ys, gs, lrs, inputs=getattr(net, "inputs", "raw"), instance_dims=instance_dims)
+    feats = pa_features(ys, gs, lrs, inputs=getattr(net, "inputs", "raw"), instance_dims=instance_dims,
+                        prox=prox, params=params)
     (p, a), new_state = run_network(net, feats, state, instances=_instances(ys[0], instance_dims))
     if held is None:
         out = [prox_grad_step(y, g, x, lr=s, p=pi, a=ai, prox=prox, params=params, inplace=inplace)
