@@ -23,7 +23,7 @@ import torch_l2o
 from torch_l2o.kernels import cpu_step
 from torch_l2o.kernels.cpu_step import cpu_learned_step, set_cpu_step_backend
 from torch_l2o.kernels.fused import fused_step, use_fused
-from torch_l2o.nets import DMNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
+from torch_l2o.nets import DMNet, PAFRNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
 from torch_l2o.optim.functional import dm_update, pa_update, rnnprop_update
 from torch_l2o.weights import build_network
 
@@ -47,7 +47,19 @@ NETS = {
     "pa-scaled": ("pa", pa_update, lambda: PANet(inputs="scaled")),
     "pagru-scaled": ("pa", pa_update, lambda: PAGRUNet(inputs="scaled")),
     "pamr-scaled": ("pa", pa_update, lambda: PAMRNet(inputs="scaled").eval()),
+    # L2O-PA-FR's step: the network scales FISTA's momentum, t in the state
+    "pafr": ("pa", pa_update, lambda: _pafr_net()),
 }
+
+
+def _pafr_net(seed=0):
+    """A PA-FR network whose heads are away from their start (p, a not 1)."""
+    torch.manual_seed(seed)
+    net = PAFRNet().eval()
+    for lin in (net.heads.p, net.heads.a):
+        torch.nn.init.normal_(lin.weight, std=0.5)
+        torch.nn.init.normal_(lin.bias, std=0.3)
+    return net
 PROX = {"l1": {"lam": 0.1}, "box": {"lo": -0.5, "hi": 0.8}, "elastic_net": {"lam": 0.1, "lam2": 0.3},
         "nonneg_l1": {"lam": 0.05}, "none": {}}
 
@@ -271,6 +283,44 @@ def test_optimizer_runs_stay_together_for_50_steps(arch, backend_calls):
     assert backend_calls == [True] * 50
     for got, ref in zip(*runs):
         _close(got, ref, "x")
+
+
+@pytest.mark.parametrize("trained", [False, True])
+def test_pafr_runs_match_reference(trained, backend_calls):
+    """L2O-PA-FR through the loop (its step) and the restart after it, against the
+    reference, step by step over 40 steps in which instances restart; untrained (p = a =
+    1) both are FISTA-restart's iterates."""
+    prob = torch_l2o.problems.Lasso(m=40, n=80, sparsity=8).sample(4, generator=torch.Generator().manual_seed(1))
+    s = 0.9999 / prob.lipschitz[:, None]
+    weights = _pafr_net().state_dict() if trained else "untrained"
+    runs = []
+    for backend in ("cpu", False):
+        x = torch.zeros(4, 80, requires_grad=True)
+        opt = torch_l2o.get_architecture("pafr").optimizer([x], prox="l1", lam=0.1, lr=s, weights=weights,
+                                                          instance_dims=1, watchdog=False)
+        ys, ts = [], []
+        with use_fused(backend):
+            for _ in range(40):
+                opt.zero_grad()
+                prob.smooth(x).sum().backward()
+                opt.step()
+                ys.append(x.detach().clone())  # y_k: the momentum shows here first
+                ts.append(opt.state[x]["t"].reshape(4, -1)[:, 0].clone())
+        runs.append((torch.stack(ys), torch.stack(ts)))
+    assert backend_calls == [True] * 40
+    (y_cpu, t_cpu), (y_ref, t_ref) = runs
+    assert (t_ref == 1).sum() >= 2, "no instance restarted: the restart is not tested"
+    torch.testing.assert_close(t_cpu, t_ref)
+    for k in range(40):
+        _close(y_cpu[k], y_ref[k], f"y at step {k}")
+    if not trained:
+        x = torch.zeros(4, 80, requires_grad=True)
+        fr = torch_l2o.FISTA([x], prox="l1", lam=0.1, lr=s, restart=True, instance_dims=1)
+        for k in range(40):
+            fr.zero_grad()
+            prob.smooth(x).sum().backward()
+            fr.step()
+            _close(y_cpu[k], x.detach(), f"FISTA-restart's y at step {k}")
 
 
 def test_threads_match_reference(monkeypatch):

@@ -7,8 +7,8 @@ protocol scaled to a 2-core CPU).
 
 from __future__ import annotations
 
-from .nets import DMNet, GSONet, MathGDNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
-from .optim.functional import dm_update, mathgd_update, pa_update, rnnprop_update
+from .nets import DMNet, GSONet, MathGDNet, PAFRNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
+from .optim.functional import dm_update, mathgd_update, pa_update, pafr_update, rnnprop_update
 from .optim.gso import GSO
 from .optim.learned import L2ODM, PA, PAGRU, PAMR, MathGD, RNNProp
 from .registry import register_architecture
@@ -28,6 +28,9 @@ register_architecture("pagru", network=PAGRUNet, update=pa_update, optimizer=PAG
 register_architecture("pamr", network=PAMRNet, update=pa_update, optimizer=PAMR, display_name="L2O-PA-MR",
                       default_weights="lasso", families=_COMPOSITE + _MIXTURES,
                       paper="Liu 2026 (seed 000)")
+# a study: FISTA-restart whose step and momentum the PA-GRU network scales (untrained: FISTA-restart)
+register_architecture("pafr", network=PAFRNet, update=pafr_update, display_name="L2O-PA-FR", families=_MIXTURES,
+                      paper="this project (a study)")
 register_architecture("l2odm", network=DMNet, update=dm_update, optimizer=L2ODM, display_name="L2O-DM",
                       paper="Andrychowicz et al., NeurIPS 2016", **_BLACK_BOX)
 register_architecture("rnnprop", network=RNNPropNet, update=rnnprop_update, optimizer=RNNProp,

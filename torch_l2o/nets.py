@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .kernels.recurrent import rnn_step
 
-__all__ = ["CoordinateNet", "run_network", "DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAMRNet", "GSONet", "MathGDNet"]
+__all__ = ["CoordinateNet", "run_network", "DMNet", "RNNPropNet", "PANet", "PAGRUNet", "PAFRNet", "PAMRNet", "GSONet", "MathGDNet"]
 
 State = dict[str, Tensor]
 
@@ -180,6 +180,31 @@ class PAGRUNet(PANet):
         self.rnn = _pa_rnn(nn.GRU, inputs, hidden, layers)
         self.heads = _PAHeads(hidden)
         self.hold_fixed = bool(hold_fixed)
+
+
+class PAFRNet(PAGRUNet):
+    """L2O-PA-FR (a study): the PA-GRU network scaling FISTA-restart's step and momentum per
+    coordinate (:func:`torch_l2o.optim.functional.pafr_update`). Its output layers start
+    at zero, so ``p = a = 1``: untrained, it is FISTA with adaptive restart. State: the
+    GRU's, and FISTA's ``t_k`` (one per coordinate, equal over an instance's). 2,898
+    parameters."""
+
+    def __init__(self, hidden: int = 16, layers: int = 2, inputs: str = "scaled", hold_fixed: bool = True) -> None:
+        super().__init__(hidden, layers, inputs, hold_fixed)
+        for lin in (self.heads.p, self.heads.a):
+            nn.init.zeros_(lin.weight)
+            nn.init.zeros_(lin.bias)
+
+    def init_state(self, n, device=None):
+        return {**super().init_state(n, device), "t": torch.ones(n, device=device)}
+
+    def forward(self, feats: Tensor, state: State, instances: int = 1):
+        o, new = rnn_step(self.rnn, feats, {k: v for k, v in state.items() if k != "t"})
+        p, a = self.heads(o)
+        t = state["t"]
+        t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
+        new["t"] = t_next
+        return (p, a * (t - 1) / t_next), new
 
 
 class PAMRNet(CoordinateNet):

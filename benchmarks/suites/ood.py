@@ -52,6 +52,7 @@ from bench_lib import plot_traces, retime, run_method, shipped
 
 TARGETS = (1e-4, 1e-6)
 LEARNED = ("pa", "pagru", "pamr")
+MIXED = LEARNED + ("pafr",)  # architectures trained on the mixtures only
 BASELINE = "FISTA-restart"
 # train.py --variant: "small" (PA-GRU 2 x 8), "prox" (the prox-gradient step as a third input)
 MIX_VARIANTS = ("small", "prox")
@@ -104,7 +105,7 @@ def methods(problem, weights: str, auto: bool = False):
     ]
     # the single-family weights, then the mixture-trained ones ("lasso-mix", "logistic-mix") where shipped
     learned = [(label, cls, weights) for label, _, cls in shipped(weights, LEARNED)]
-    learned += [(f"{label} mix", cls, f"{weights}-mix") for label, _, cls in shipped(f"{weights}-mix", LEARNED)]
+    learned += [(f"{label} mix", cls, f"{weights}-mix") for label, _, cls in shipped(f"{weights}-mix", MIXED)]
     # the mixtures' studied variants, where their files are in pretrained/: unguarded rows only
     variants = [(f"{label} mix {v}", cls, f"{weights}-mix-{v}") for v in MIX_VARIANTS
                 for label, _, cls in shipped(f"{weights}-mix-{v}", LEARNED)]

@@ -258,6 +258,7 @@ struct Args {  // mirrored by cpu_step.py's _Args
   int64_t hold;                               // pa: coordinates with x = y = T y keep iterates and state
   const void* s0p; int64_t s0_div;            // a strength per instance or coordinate (R tensor indexed
   const void* s1p; int64_t s1_div;            // i / div) in place of the number s0 / s1, or NULL
+  float* tm;                                  // FR: FISTA's t per coordinate (equal over an instance)
 };
 
 // Packed weights, in order (see _pack in cpu_step.py):
@@ -576,6 +577,14 @@ static void tile(const Args& a, const int64_t* rows, int cnt, bool contig, const
   }
   pp = 2.0f * vsigmoid(pp);
   aa = 2.0f * vsigmoid(aa);
+#if FR  // L2O-PA-FR: the network scales FISTA's momentum (t - 1) / t+, t+ = (1 + sqrt(1 + 4 t^2)) / 2
+  {
+    vf tv = contig ? load_lanes<vf>(a.tm + n0, cnt) : gather_lanes<vf>(a.tm, rows, cnt);
+    vf tn = (1.0f + vsqrt(1.0f + 4.0f * tv * tv)) / 2.0f;
+    aa = aa * (tv - 1.0f) / tn;
+    if (contig) store_lanes(a.tm + n0, cnt, tn); else scatter_lanes(a.tm, rows, cnt, tn);
+  }
+#endif
   RESTORE_CSR();
   // t = lr p; x+ = prox_t(y - t g); y+ = x+ + a (x+ - x)
   const V tt = lrv * __builtin_convertvector(pp, V);
@@ -794,7 +803,7 @@ class _Args(ctypes.Structure):
                     ("h", "p"), ("c", "p"), ("lstride", "i"), ("m", "p"), ("v", "p"), ("win", "p"), ("filled", "i"),
                     ("w", "p"), ("prox", "i"), ("s0", "d"), ("s1", "d"), ("aux0", "d"), ("aux1", "d"), ("aux2", "d"),
                     ("ln_eps", "d"), ("nthreads", "i"), ("fs", "p"), ("fs_div", "i"), ("hold", "i"),
-                    ("s0p", "p"), ("s0_div", "i"), ("s1p", "p"), ("s1_div", "i"))]
+                    ("s0p", "p"), ("s0_div", "i"), ("s1p", "p"), ("s1_div", "i"), ("tm", "p"))]
 
 
 class _Watch(ctypes.Structure):
@@ -952,10 +961,10 @@ def _config(kind: str, net: nn.Module) -> dict[str, int] | None:
 
 
 def _config_uncached(kind: str, net: nn.Module) -> dict[str, int] | None:
-    from ..nets import DMNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
+    from ..nets import DMNet, PAFRNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
 
     t = type(net)
-    if not ((kind == "pa" and t in (PANet, PAGRUNet, PAMRNet)) or (kind == "dm" and t is DMNet)
+    if not ((kind == "pa" and t in (PANet, PAGRUNet, PAMRNet, PAFRNet)) or (kind == "dm" and t is DMNet)
             or (kind == "rnnprop" and t is RNNPropNet)):
         return None
     rnn = net.rnn
@@ -967,7 +976,8 @@ def _config_uncached(kind: str, net: nn.Module) -> dict[str, int] | None:
     if rnn.input_size != (hid if t is RNNPropNet else 2):
         return None
     cfg = {"KIND": KINDS[kind], "LSTM": int(type(rnn) is nn.LSTM), "LAYERS": rnn.num_layers, "HID": hid, "MR": 0,
-           "WIN": 1, "HEADS": 1, "GRADX": 0, "SCALED": int(kind == "pa" and net.inputs == "scaled")}
+           "WIN": 1, "HEADS": 1, "GRADX": 0, "SCALED": int(kind == "pa" and net.inputs == "scaled"),
+           "FR": int(t is PAFRNet)}
     if t is PAMRNet:
         attn = net.attn
         # attention across coordinates is not coordinate-wise; dropout is active in training mode
@@ -1175,7 +1185,7 @@ def secant_sums(ys, gs, ys_prev, gs_prev, instance_dims: int):
 
 
 # A library for the reductions alone (any configuration holds them; this one compiles fastest)
-_HELPERS = {"KIND": 0, "LSTM": 0, "LAYERS": 1, "HID": 1, "MR": 0, "WIN": 1, "HEADS": 1, "GRADX": 0, "SCALED": 0}
+_HELPERS = {"KIND": 0, "LSTM": 0, "LAYERS": 1, "HID": 1, "MR": 0, "WIN": 1, "HEADS": 1, "GRADX": 0, "SCALED": 0, "FR": 0}
 _HELPER_LIB: list = []
 
 
@@ -1231,8 +1241,9 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     names = ("h", "c") if cfg["LSTM"] else ("h",)
     names += ("m", "v") if kind == "rnnprop" else ()
     names += ("window",) if cfg["MR"] and cfg["WIN"] > 1 else ()
+    names += ("t",) if cfg["FR"] else ()
     L, H, W = cfg["LAYERS"], cfg["HID"], cfg["WIN"]
-    shapes = {"h": (L, n_total, H), "c": (L, n_total, H), "m": (n_total,), "v": (n_total,),
+    shapes = {"h": (L, n_total, H), "c": (L, n_total, H), "m": (n_total,), "v": (n_total,), "t": (n_total,),
               "window": (n_total, W - 1, H)}
     for k in names:
         v = state.get(k)
@@ -1253,7 +1264,7 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
     for k in names:
         new[k] = state[k].contiguous()
     h, c = new["h"], new.get("c")
-    m, v, win = new.get("m"), new.get("v"), new.get("window")
+    m, v, win, tm = new.get("m"), new.get("v"), new.get("window"), new.get("t")
     aux = step_constants(kind, net, step)
     fn = lib.l2o_step_f32 if dtype == torch.float32 else lib.l2o_step_f64
     threads = torch.get_num_threads()
@@ -1278,7 +1289,8 @@ def cpu_learned_step(kind: str, net: nn.Module, state: dict, ys, gs, xs, *, lr: 
                 filled=int(filled) if filled is not None else 0, w=w.data_ptr(), prox=prox_code, **_strengths(f),
                 aux0=aux[0], aux1=aux[1], aux2=aux[2], ln_eps=float(net.norms[0].eps) if cfg["MR"] else 1e-5,
                 nthreads=max(1, min(threads, n // _THREAD_CHUNK)), fs=_ptr(inv),
-                fs_div=n // inv.numel() if inv is not None else 1, hold=hold)
+                fs_div=n // inv.numel() if inv is not None else 1, hold=hold,
+                tm=tm.data_ptr() + 4 * off if tm is not None else None)
             fn(ctypes.byref(args))
         off += n
     if filled is not None:

@@ -34,7 +34,7 @@ from ..nets import run_network
 from ..prox import get_prox
 from .stepsize import instance_shape, instance_sum
 
-__all__ = ["ista_update", "fista_update", "fista_momentum", "pa_features", "pa_input_scale", "pa_update",
+__all__ = ["ista_update", "fista_update", "fista_momentum", "pa_features", "pa_input_scale", "pa_update", "pafr_update",
            "held_coordinates", "dm_update", "rnnprop_update", "mathgd_update"]
 
 
@@ -235,6 +235,44 @@ def pa_update(
             xn, yn = x, y
         xs_new.append(xn)
         ys_new.append(yn)
+    return xs_new, ys_new, new_state
+
+
+def pafr_update(
+    net, state: dict, ys: Sequence[Tensor], gs: Sequence[Tensor], xs: Sequence[Tensor], *,
+    lr: Lr | Sequence[Lr], prox: str = "none", params: Mapping[str, Any] | None = None, step: int = 0,
+    instance_dims: int = 0, inplace: bool = False,
+) -> tuple[list[Tensor], list[Tensor], dict]:
+    r"""L2O-PA-FR (a study): FISTA with adaptive restart, its step and momentum scaled per
+    coordinate by the network (:class:`~torch_l2o.nets.PAFRNet`),
+
+    .. math::
+        x_{k+1} = \operatorname{prox}_{s p_k r}(y_k - s p_k \nabla f(y_k)),\quad
+        y_{k+1} = x_{k+1} + a_k \tfrac{t_k - 1}{t_{k+1}} (x_{k+1} - x_k),
+
+    and per instance, where :math:`(y_k - x_{k+1})^T (x_{k+1} - x_k) > 0`,
+    :math:`y_{k+1} = x_{k+1}`, :math:`t_{k+1} = 1` (O'Donoghue-Candes). ``p = a = 1`` is
+    FISTA-restart. The PA step (:func:`pa_update`) with the network's momentum, then the restart."""
+    k = instance_dims
+    inst = _instances(ys[0], k)
+    # t before the step (a fused step advances the state's t in place), and the iterates
+    # the restart test compares with
+    t = state["t"][: ys[0].numel()].reshape(inst, -1)[:, 0].clone()
+    olds = [(x.detach().clone(), y.detach().clone()) if inplace else (x, y) for x, y in zip(xs, ys)]
+    xs_new, ys_new, new_state = pa_update(net, state, ys, gs, xs, lr=lr, prox=prox, params=params, step=step,
+                                          instance_dims=k, inplace=inplace)
+    with torch.no_grad():
+        c = sum(instance_sum((y0.detach() - xn.detach()) * (xn.detach() - x0.detach()), k).reshape(inst)
+                for (x0, y0), xn in zip(olds, xs_new)) > 0
+        t_next = torch.where(c, torch.ones_like(t), (1 + torch.sqrt(1 + 4 * t * t)) / 2)
+        new_state["t"] = torch.cat([t_next.repeat_interleave(y.numel() // inst) for y in ys])
+    if bool(c.any()):
+        for i, (xn, yn) in enumerate(zip(xs_new, ys_new)):
+            restarted = torch.where(c.reshape(instance_shape(yn, k)), xn, yn)
+            if inplace:
+                yn.copy_(restarted)
+            else:
+                ys_new[i] = restarted
     return xs_new, ys_new, new_state
 
 
