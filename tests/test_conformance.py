@@ -240,7 +240,8 @@ def test_functional_update_equals_step(prob, arch):
         g = _grad(prob, y_f, not spec.applies_prox)
         with torch.no_grad():  # as step() runs it (PyTorch's CPU LSTM picks another kernel with grad)
             xs, ys, state = spec.update(net, state, [y_f], [g], [x_f if spec.extrapolates else y_f],
-                                        lr=s if spec.lr_is_step else 0.5, prox=prox, params=params, step=k)
+                                        lr=s if spec.lr_is_step else 0.5, prox=prox, params=params, step=k,
+                                        instance_dims=opt.param_groups[0]["instance_dims"])
         x_f, y_f = xs[0], ys[0]
         assert torch.equal(opt.solution(x), x_f) and torch.equal(x.detach(), y_f)
         assert all(torch.equal(opt.state[x][key], v) for key, v in state.items())
@@ -330,7 +331,7 @@ def test_parameter_counts():
     counts = {a: sum(p.numel() for p in get_architecture(a).network().parameters())
               for a in available_architectures()}
     assert counts == {"l2odm": 5301, "rnnprop": 6801, "pa": 5742, "pagru": 2898, "pamr": 4594, "gso": 2 * 5301,
-                      "mathgd": 3 * 5120 + 4}
+                      "mathgd": 3 * 5120 + 4, "pafr": 2898}
     assert counts["pamr"] < counts["pa"]  # the paper's claim holds for the default configuration
 
 

@@ -17,13 +17,13 @@ import platform
 
 import pytest
 import torch
-from strength_cases import STRENGTHS, tensor_strengths
+from cases import STRENGTHS, pafr_net, tensor_strengths
 
 import torch_l2o
 from torch_l2o.kernels import cpu_step
 from torch_l2o.kernels.cpu_step import cpu_learned_step, set_cpu_step_backend
 from torch_l2o.kernels.fused import fused_step, use_fused
-from torch_l2o.nets import DMNet, PAFRNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
+from torch_l2o.nets import DMNet, PAGRUNet, PAMRNet, PANet, RNNPropNet
 from torch_l2o.optim.functional import dm_update, pa_update, rnnprop_update
 from torch_l2o.weights import build_network
 
@@ -48,18 +48,8 @@ NETS = {
     "pagru-scaled": ("pa", pa_update, lambda: PAGRUNet(inputs="scaled")),
     "pamr-scaled": ("pa", pa_update, lambda: PAMRNet(inputs="scaled").eval()),
     # L2O-PA-FR's step: the network scales FISTA's momentum, t in the state
-    "pafr": ("pa", pa_update, lambda: _pafr_net()),
+    "pafr": ("pa", pa_update, pafr_net),
 }
-
-
-def _pafr_net(seed=0):
-    """A PA-FR network whose heads are away from their start (p, a not 1)."""
-    torch.manual_seed(seed)
-    net = PAFRNet().eval()
-    for lin in (net.heads.p, net.heads.a):
-        torch.nn.init.normal_(lin.weight, std=0.5)
-        torch.nn.init.normal_(lin.bias, std=0.3)
-    return net
 PROX = {"l1": {"lam": 0.1}, "box": {"lo": -0.5, "hi": 0.8}, "elastic_net": {"lam": 0.1, "lam2": 0.3},
         "nonneg_l1": {"lam": 0.05}, "none": {}}
 
@@ -292,7 +282,7 @@ def test_pafr_runs_match_reference(trained, backend_calls):
     1) both are FISTA-restart's iterates."""
     prob = torch_l2o.problems.Lasso(m=40, n=80, sparsity=8).sample(4, generator=torch.Generator().manual_seed(1))
     s = 0.9999 / prob.lipschitz[:, None]
-    weights = _pafr_net().state_dict() if trained else "untrained"
+    weights = pafr_net().state_dict() if trained else "untrained"
     runs = []
     for backend in ("cpu", False):
         x = torch.zeros(4, 80, requires_grad=True)

@@ -16,7 +16,7 @@ import copy
 
 import pytest
 import torch
-from strength_cases import STRENGTHS, tensor_strengths
+from cases import STRENGTHS, tensor_strengths
 
 import torch_l2o
 from torch_l2o.kernels import HAVE_TRITON, interpret_mode

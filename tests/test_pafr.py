@@ -3,14 +3,13 @@
 import copy
 
 import torch
-from torch import nn
+from cases import pafr_net
 
 import torch_l2o
 from torch_l2o.kernels.fused import use_fused
 from torch_l2o.nets import PAFRNet
 from torch_l2o.optim.functional import pafr_update
 from torch_l2o.problems import Lasso
-
 
 
 def _problem(dtype=torch.float64):
@@ -25,16 +24,6 @@ def _run(make, prob, steps):
         prob.smooth(x).sum().backward()
         opt.step()
     return opt, opt.solution(x).detach()
-
-
-def _trained_like(seed=0):
-    """A PA-FR network whose heads are not at their start (p, a away from 1)."""
-    torch.manual_seed(seed)
-    net = PAFRNet().eval()
-    for lin in (net.heads.p, net.heads.a):
-        nn.init.normal_(lin.weight, std=0.5)
-        nn.init.normal_(lin.bias, std=0.3)
-    return net
 
 
 def test_untrained_is_fista_restart():
@@ -58,17 +47,17 @@ def test_restart_sets_y_to_x_and_t_to_one():
     net = PAFRNet().eval()  # p = a = 1
     state = net.init_state(6)
     state["t"] = torch.full((6,), 3.0)
-    # instance 0 moves back along its last step (restart), instance 1 keeps going
+    # a step on from x = 1, y = 2 for both instances: no restart
     x = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
     y = torch.tensor([[2.0, 2.0, 2.0], [2.0, 2.0, 2.0]])
     g = torch.tensor([[-1.0, -1.0, -1.0], [-3.0, -3.0, -3.0]])
     with use_fused(False), torch.no_grad():
         xs, ys, new = pafr_update(net, copy.deepcopy(state), [y], [g], [x], lr=1.0, prox="none", instance_dims=1)
-    # x+ = y - g: instance 0 at 3 (from x = 1, y = 2: (y - x+)(x+ - x) = (-1)(2) < 0, no restart)
+    # x+ = y - g: 3 and 5, (y - x+)(x+ - x) < 0 for both
     assert torch.equal(xs[0], torch.tensor([[3.0] * 3, [5.0] * 3]))
     t1 = (1 + 37 ** 0.5) / 2
     torch.testing.assert_close(ys[0], xs[0] + (2 / t1) * (xs[0] - x))
-    # now a step that overshoots: x+ = y - g lands behind y, between x and y
+    # instance 0 now overshoots: x+ = y - g lands behind y, between x and y
     g2 = torch.tensor([[0.5, 0.5, 0.5], [-1.0, -1.0, -1.0]])
     with use_fused(False), torch.no_grad():
         xs2, ys2, new2 = pafr_update(net, copy.deepcopy(state), [y], [g2], [x], lr=1.0, prox="none",
@@ -81,7 +70,7 @@ def test_restart_sets_y_to_x_and_t_to_one():
 
 def test_meta_gradient_flows_through_the_update():
     """Out of place under autograd (the meta-training unroll) the heads get gradients."""
-    net = _trained_like()
+    net = pafr_net()
     prob = _problem(torch.float32)
     s = prob.step_size().float()
     x = torch.zeros(4, 80)

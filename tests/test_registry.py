@@ -96,10 +96,16 @@ def test_registry_errors_name_the_fix(tiny):
 
 
 def test_every_architecture_is_wired():
-    """Each registered architecture's optimizer drives it, and its default weights load."""
+    """Each registered architecture's optimizer drives it, and its default weights load (a
+    study without shipped weights, L2O-PA-FR: the untrained network, with a warning)."""
     for name in torch_l2o.available_architectures():
         spec = torch_l2o.get_architecture(name)
         assert spec.optimizer.arch == name and issubclass(spec.optimizer, torch_l2o.LearnedOptimizer)
+        if spec.default_weights is None:
+            with pytest.warns(UserWarning, match="no pretrained weights are shipped"):
+                net, info = build_network(name, None, **spec.network_options)
+            assert isinstance(net, spec.network) and info["weights"] == "untrained"
+            continue
         net, info = build_network(name, None, **spec.network_options)
         assert isinstance(net, spec.network) and info["weights"].endswith(f"{name}-{spec.default_weights}.safetensors")
 

@@ -200,11 +200,11 @@ class PAFRNet(PAGRUNet):
 
     def forward(self, feats: Tensor, state: State, instances: int = 1):
         o, new = rnn_step(self.rnn, feats, {k: v for k, v in state.items() if k != "t"})
+        from .optim.functional import fista_momentum  # the update rules import this module
+
         p, a = self.heads(o)
-        t = state["t"]
-        t_next = (1 + torch.sqrt(1 + 4 * t * t)) / 2
-        new["t"] = t_next
-        return (p, a * (t - 1) / t_next), new
+        new["t"], beta = fista_momentum(state["t"])
+        return (p, a * beta), new
 
 
 class PAMRNet(CoordinateNet):

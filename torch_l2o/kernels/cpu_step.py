@@ -581,7 +581,7 @@ static void tile(const Args& a, const int64_t* rows, int cnt, bool contig, const
   {
     vf tv = contig ? load_lanes<vf>(a.tm + n0, cnt) : gather_lanes<vf>(a.tm, rows, cnt);
     vf tn = (1.0f + vsqrt(1.0f + 4.0f * tv * tv)) / 2.0f;
-    aa = aa * (tv - 1.0f) / tn;
+    aa = aa * ((tv - 1.0f) / tn);
     if (contig) store_lanes(a.tm + n0, cnt, tn); else scatter_lanes(a.tm, rows, cnt, tn);
   }
 #endif

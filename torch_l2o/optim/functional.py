@@ -264,7 +264,7 @@ def pafr_update(
     with torch.no_grad():
         c = sum(instance_sum((y0.detach() - xn.detach()) * (xn.detach() - x0.detach()), k).reshape(inst)
                 for (x0, y0), xn in zip(olds, xs_new)) > 0
-        t_next = torch.where(c, torch.ones_like(t), (1 + torch.sqrt(1 + 4 * t * t)) / 2)
+        t_next = torch.where(c, torch.ones_like(t), fista_momentum(t)[0])
         new_state["t"] = torch.cat([t_next.repeat_interleave(y.numel() // inst) for y in ys])
     if bool(c.any()):
         for i, (xn, yn) in enumerate(zip(xs_new, ys_new)):

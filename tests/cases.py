@@ -1,6 +1,9 @@
-"""Prox strengths given as tensors, the layouts a user meets: shared by the fused backends' tests."""
+"""Cases shared by several test modules: prox strengths given as tensors (the layouts a user
+meets), a PA-FR network away from its start."""
 
 import torch
+
+from torch_l2o.nets import PAFRNet
 
 STRENGTHS = ["l1, lam per instance", "l1, lam per coordinate, an unpenalized one",
              "elastic_net, lam per coordinate, lam2 per instance", "box, bounds per instance"]
@@ -22,3 +25,13 @@ def tensor_strengths(variant, shape, dtype, device="cpu"):
     if variant == "box, bounds per instance":
         return "box", {"lo": per_instance(-0.8, -0.1), "hi": per_instance(0.1, 0.9)}
     raise AssertionError(variant)
+
+
+def pafr_net(seed=0):
+    """A PA-FR network whose heads are away from their start (p, a not 1)."""
+    torch.manual_seed(seed)
+    net = PAFRNet().eval()
+    for lin in (net.heads.p, net.heads.a):
+        torch.nn.init.normal_(lin.weight, std=0.5)
+        torch.nn.init.normal_(lin.bias, std=0.3)
+    return net
