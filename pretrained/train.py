@@ -76,8 +76,11 @@ FAMILY_OPTIONS = {"lasso-mix": {"inputs": "scaled"}, "logistic-mix": {"inputs": 
 EVAL = dict(instances=256, iters=1000, seed=12345)
 
 
-def archs_of(family_name):
-    return [a for a in available_architectures() if family_name in get_architecture(a).families]
+def archs_of(family_name, shipped_only=False):
+    """The architectures trained on ``family_name``; ``shipped_only``: those with shipped
+    weights (``--arch all``), not a study such as L2O-PA-FR, which is trained by name."""
+    return [a for a in available_architectures() if family_name in get_architecture(a).families
+            and not (shipped_only and get_architecture(a).default_weights is None)]
 
 
 def _trace(problem, make, iters, composite=False, metric=None):
@@ -582,7 +585,7 @@ def main(argv=None):
                 ap.error(f"{a} is not trained on {', '.join(families)}; its families: "
                          f"{', '.join(get_architecture(a).families) or 'none'}")
     for fam in families:
-        archs = archs_of(fam) if "all" in args.arch else [a for a in args.arch if a in archs_of(fam)]
+        archs = archs_of(fam, shipped_only=True) if "all" in args.arch else [a for a in args.arch if a in archs_of(fam)]
         for arch in archs:
             print(f"== {get_architecture(arch).display_name} on {fam}", flush=True)
             train_one(arch, fam, args)

@@ -210,6 +210,9 @@ def test_small_defects_stay_fixed(capsys):
     with pytest.raises(SystemExit):
         train.main(["--family", "mc", "--arch", "pa"])
     assert "pa is not trained on mc; its families: lasso, logistic" in capsys.readouterr().err
+    # --arch all trains what is shipped; a study without shipped weights only by name
+    assert "pafr" in train.archs_of("lasso-mix") and "pafr" not in train.archs_of("lasso-mix", shipped_only=True)
+    assert train.archs_of("lasso-mix", shipped_only=True) == ["pagru", "pamr"]
     with pytest.raises(SystemExit, match="horizn: not a training setting; known: auto_step, batch, clip, horizon"):
         train.main(["--family", "lasso", "--arch", "pa", "--set", "horizn=300", "--out", "/nonexistent"])
     with pytest.raises(SystemExit):
