@@ -2,7 +2,8 @@ r"""The fused learned step on the CPU: one compiled C++ loop per network configu
 
 A fused step backend (:mod:`torch_l2o.kernels.fused`) for CPU tensors, serving what
 :mod:`~torch_l2o.kernels.triton_learned` serves on CUDA: ``"pa"`` (L2O-PA, -PA-GRU,
--PA-MR with ``attend="window"``), ``"dm"`` (L2O-DM, GSO's blocks), ``"rnnprop"``;
+-PA-MR with ``attend="window"``; also the study L2O-PA-FR's step, which Triton does not
+serve), ``"dm"`` (L2O-DM, GSO's blocks), ``"rnnprop"``;
 exactly these network classes, float32 or float64 iterates, the built-in elementwise
 proxes with strengths that are numbers or tensors of the iterates' dtype (one per instance,
 ``(B, 1)``, or one per coordinate: a LASSO path's ``lam`` per instance, an unpenalized
