@@ -124,17 +124,18 @@ def test_one_step_matches_reference(name, variant):
 
 @pytest.mark.parametrize("name", ["pagru", "pamr-scaled", "l2odm"])
 @pytest.mark.parametrize("variant", STRENGTHS)
-def test_tensor_strengths_match_reference(name, variant):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_tensor_strengths_match_reference(name, variant, dtype):
     """Prox strengths as tensors of the iterates' dtype, one per instance ``(B, 1)`` or one
     per coordinate (a LASSO path's ``lam`` per instance, an unpenalized intercept): the
     kernel steps as the reference does, held coordinates included."""
     kind, update, make = NETS[name]
     net = make().to(DEVICE)
     shapes = [(4, 40)]
-    prox, params = tensor_strengths(variant, shapes[0], torch.float32, DEVICE)
+    prox, params = tensor_strengths(variant, shapes[0], dtype, DEVICE)
     lrs = [torch.tensor([[0.05], [0.1], [0.02], [0.2]], device=DEVICE)]
     state = _state(net, shapes, kind, update, lrs, prox, params)
-    ys, gs, xs = _problem(shapes, torch.float32, seed=2)
+    ys, gs, xs = _problem(shapes, dtype, seed=2)
     ys[0][:, ::4], gs[0][:, ::4] = 0.0, 0.001  # fixed points of l1 and elastic_net: held where hold_fixed
     xs = xs if kind == "pa" else ys
     if kind == "pa":
