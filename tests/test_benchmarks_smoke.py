@@ -221,3 +221,11 @@ def test_step_overhead_script_runs(capsys):
     step_overhead.main(["--steps", "2", "--runs", "1"])
     out = capsys.readouterr().out
     assert "PA-GRU mix, watchdog in numpy" in out and "1024 x 500:" in out
+
+
+def test_solve_overhead_script_runs(capsys):
+    import solve_overhead
+
+    solve_overhead.main(["--runs", "1", "--threads", "1"])
+    out = capsys.readouterr().out
+    assert out.count("check_every=10") == 2 and "NOT converged" not in out

@@ -107,6 +107,25 @@ def test_solve_stops_certified(solved, name):
     assert bool((res.history[res.iterations - 1, torch.arange(prob.batch)] > 1e-8).all())
 
 
+@pytest.mark.parametrize("name", ["lasso", "logistic"])
+@pytest.mark.parametrize("k", [3, 7])
+def test_checking_every_k_steps(solved, name, k):
+    """``check_every=k``: the same iterates, checked after every k-th step; an instance
+    stops at the first check that certifies it: here (the criterion stays below tol once
+    there) after the step count of checking every step, rounded up to a multiple of k."""
+    prob, _, F_star = solved[name]
+    every = solve(prob, tol=1e-8)
+    res = solve(prob, tol=1e-8, check_every=k)
+    assert bool(res.converged.all()) and float(((res.objective - F_star) / F_star).max()) <= 1e-8
+    want = (every.iterations + k - 1) // k * k  # the first multiple of k at or after it
+    assert torch.equal(res.iterations, want)
+    # one history row per check: the start, then after steps k, 2k, ...
+    assert res.history.shape == (int(want.max()) // k + 1, prob.batch)
+    torch.testing.assert_close(res.history[1], every.history[k])
+    with pytest.raises(ValueError, match="check_every must be an int >= 1"):
+        solve(prob, check_every=0)
+
+
 # ---------------------------------------------------------------- every method
 
 

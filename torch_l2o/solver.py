@@ -67,8 +67,9 @@ class SolveResult:
         criterion: ``"gap"`` or ``"residual"``: which stopping criterion was used.
         converged: ``(B,)`` bool, criterion ``<= tol``.
         iterations: ``(B,)`` steps taken by each instance (0: the start was optimal).
-        history: ``(K + 1, B)`` float64, the criterion at the start and after each of the
-            ``K`` steps run (a frozen instance keeps its final value).
+        history: ``(K + 1, B)`` float64, the criterion at the start and at each of the
+            ``K`` checks (after every step by default; ``check_every``); a frozen instance
+            keeps its final value.
         seconds: wall-clock time of the solve.
     """
 
@@ -284,7 +285,7 @@ def _restore(opt, p: Tensor, frozen: Tensor, snap: dict[str, Tensor], dims: dict
 
 def solve(problem: Problem, method: str | type | Callable = "fista", *, tol: float = 1e-6,
           max_iter: int = 10_000, lr: Any = "default", criterion: str = "auto", x0: Tensor | None = None,
-          progress: bool = False, **options: Any) -> SolveResult:
+          progress: bool = False, check_every: int = 1, **options: Any) -> SolveResult:
     r"""Minimise :math:`F(x) = f(x) + r(x)` for each of the ``B`` instances of ``problem``
     until a certified criterion reaches ``tol`` or ``max_iter`` steps.
 
@@ -308,6 +309,11 @@ def solve(problem: Problem, method: str | type | Callable = "fista", *, tol: flo
         criterion: ``"auto"`` (the gap where known), ``"gap"`` or ``"residual"``.
         x0: the starting point ``(B, n)`` (default ``problem.x0()``).
         progress: show a tqdm progress bar.
+        check_every: evaluate the criterion after every ``check_every``-th step (and the
+            last): an instance stops at the first check that certifies it, at most
+            ``check_every - 1`` steps after the step that reached ``tol``. The criterion
+            costs about two gradients in float64 per check (on a batch of LASSO problems
+            ``solve`` takes 2-4x the time of the bare steps with the default 1).
         **options: further optimizer arguments (``weights=``, ``safeguard=True``, ...).
 
     Returns:
@@ -327,6 +333,8 @@ def solve(problem: Problem, method: str | type | Callable = "fista", *, tol: flo
         raise ValueError(f"lr must be 'default', None (automatic) or a step; got {lr!r}")
     if criterion not in ("auto", "gap", "residual"):
         raise ValueError(f"criterion must be 'auto', 'gap' or 'residual', got {criterion!r}")
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every must be an int >= 1, got {check_every!r}")
     gap_fn = _gap_function(problem) if criterion != "residual" else None
     if criterion == "gap" and gap_fn is None:
         duality_gap(problem, problem.x0())  # raises the explanation
@@ -359,7 +367,7 @@ def solve(problem: Problem, method: str | type | Callable = "fista", *, tol: flo
         # Instances optimal at the start never meet the optimizer (whose state is created at
         # its first step, too late to freeze them): solve the others and put them back.
         return _solve_subset(problem, method, ~done, x_start, crit, name, t_start, tol=tol, max_iter=max_iter,
-                             lr=lr, criterion=name, progress=progress, **options)
+                             lr=lr, criterion=name, progress=progress, check_every=check_every, **options)
 
     p = x_start.clone().requires_grad_(True)
     opt = _build(method, p, problem, lr, dict(options))
@@ -384,24 +392,27 @@ def solve(problem: Problem, method: str | type | Callable = "fista", *, tol: flo
     mark, since = crit.clone(), torch.zeros_like(iterations)
     stopped = done.clone()
     with tqdm(total=max_iter, disable=not progress, desc=f"solve ({name})") as bar:
-        for _ in range(max_iter):
+        frozen = stopped.clone()  # changes at checks only
+        for k in range(max_iter):
             if bool(stopped.all()):
                 break
-            frozen = stopped.clone()
             dims = _per_instance(opt, p, coord) if bool(frozen.any()) else None
             snap = _snapshot(opt, p, dims) if dims is not None else None
             opt.step(closure)
             if snap is not None:
                 _restore(opt, p, frozen, snap, dims)
             iterations += ~frozen
+            bar.update(1)
+            if (k + 1) % check_every and k + 1 < max_iter:
+                continue
             with torch.no_grad():
                 crit = torch.where(frozen, crit, measure(solution()))
             done = done | (crit <= tol)
             better = crit < 0.9 * mark
-            mark, since = torch.where(better, crit, mark), torch.where(better, 0, since + 1)
+            mark, since = torch.where(better, crit, mark), torch.where(better, 0, since + check_every)
             stopped = frozen | done | (since >= stall_after)
+            frozen = stopped.clone()
             history.append(crit)
-            bar.update(1)
             bar.set_postfix(done=f"{int(done.sum())}/{B}", worst=f"{float(crit.max()):.2e}")
 
     x = solution().clone()
