@@ -171,6 +171,19 @@ def test_not_converging_warns_in_sklearn_terms(diabetes):
     assert est.n_iter_ == 3
 
 
+def test_check_every_stops_at_the_next_check(diabetes):
+    """``check_every=k``: the same fit, stopped at the first multiple of k at or after the
+    iteration that checking every iteration stops at; a bad k names the fix."""
+    X, y = diabetes
+    every = Lasso(alpha=0.01).fit(X, y)
+    est = Lasso(alpha=0.01, check_every=8).fit(X, y)
+    assert est.n_iter_ == -(-every.n_iter_ // 8) * 8
+    F, F_every = (lasso_objective(X, y, m.coef_, m.intercept_, 0.01) for m in (est, every))
+    assert abs(F - F_every) <= 1e-6 * F_every  # both certified to tol=1e-6
+    with pytest.raises(ValueError, match="check_every must be an int >= 1, got 0"):
+        LogisticRegression(check_every=0).fit(X, (y > np.median(y)).astype(int))
+
+
 def test_float32_and_device_options(diabetes):
     X, y = diabetes
     est = Lasso(alpha=0.1, dtype="float32", tol=1e-5, device=torch.device("cpu")).fit(X, y)
