@@ -78,6 +78,21 @@ def _state(net, shapes, kind, update, lrs, prox, params, steps=3, dtype=torch.fl
     return state
 
 
+def _step_both(kind, update, net, state, ys, gs, xs, lrs, prox, params):
+    """Step 3: the reference on copies (returned with its state), the kernel in place on
+    ``ys`` and ``xs``; returns ``(ref_ys, ref_xs, ref_state, kernel_state)``."""
+    ref_ys = [y.clone() for y in ys]
+    ref_xs = [x.clone() for x in xs] if kind == "pa" else ref_ys
+    with use_fused(False), torch.no_grad():
+        _, _, ref_state = update(net, copy.deepcopy(state), ref_ys, gs, ref_xs, lr=lrs, prox=prox, params=params,
+                                 step=3, inplace=True, instance_dims=1)
+    with use_fused("triton"):
+        got_state = learned_step_triton(kind, net, copy.deepcopy(state), ys, gs, xs, lr=lrs, prox=prox,
+                                        params=params, step=3, instance_dims=1)
+    assert got_state is not None, "the kernel declined a step it serves"
+    return ref_ys, ref_xs, ref_state, got_state
+
+
 @pytest.mark.parametrize("name", sorted(NETS))
 @pytest.mark.parametrize("variant", ["l1, scalar lr", "box, per-instance lr, two tensors", "none, bfloat16",
                                      "l1, bfloat16 state"])
@@ -100,15 +115,7 @@ def test_one_step_matches_reference(name, variant):
     if kind != "pa":
         xs = ys
 
-    ref_ys, ref_xs = [y.clone() for y in ys], [x.clone() for x in xs] if kind == "pa" else None
-    ref_xs = ref_xs if kind == "pa" else ref_ys
-    with use_fused(False), torch.no_grad():
-        _, _, ref_state = update(net, copy.deepcopy(state), ref_ys, gs, ref_xs, lr=lrs, prox=prox, params=params,
-                                 step=3, inplace=True, instance_dims=1)
-    with use_fused("triton"):
-        got_state = learned_step_triton(kind, net, copy.deepcopy(state), ys, gs, xs, lr=lrs, prox=prox,
-                                        params=params, step=3, instance_dims=1)
-    assert got_state is not None, "the kernel declined a step it serves"
+    ref_ys, ref_xs, ref_state, got_state = _step_both(kind, update, net, state, ys, gs, xs, lrs, prox, params)
     for i in range(len(shapes)):
         _close(ys[i], ref_ys[i], f"y[{i}]")
         if kind == "pa":
@@ -140,15 +147,7 @@ def test_tensor_strengths_match_reference(name, variant, dtype):
     xs = xs if kind == "pa" else ys
     if kind == "pa":
         xs[0][:, ::4] = 0.0
-    ref_ys, ref_xs = [y.clone() for y in ys], [x.clone() for x in xs]
-    ref_xs = ref_xs if kind == "pa" else ref_ys
-    with use_fused(False), torch.no_grad():
-        _, _, ref_state = update(net, copy.deepcopy(state), ref_ys, gs, ref_xs, lr=lrs, prox=prox, params=params,
-                                 step=3, inplace=True, instance_dims=1)
-    with use_fused("triton"):
-        got_state = learned_step_triton(kind, net, copy.deepcopy(state), ys, gs, xs, lr=lrs, prox=prox,
-                                        params=params, step=3, instance_dims=1)
-    assert got_state is not None, "the kernel declined a step it serves"
+    ref_ys, ref_xs, ref_state, got_state = _step_both(kind, update, net, state, ys, gs, xs, lrs, prox, params)
     _close(ys[0], ref_ys[0], "y")
     _close(xs[0], ref_xs[0], "x")
     for k in ref_state:

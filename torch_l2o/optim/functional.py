@@ -83,18 +83,27 @@ def fista_update(
     ]
     xs_new, ys_new = [n[0] for n in new], [n[1] for n in new]
     if restart:
-        c = sum(
-            instance_sum((y0 - xn) * (xn - x0), k).reshape(t.shape)
-            for (x0, y0), xn in zip(olds, xs_new)
-        ) > 0
+        c = _restart(olds, xs_new, ys_new, k, t.shape, inplace)
         t_next = torch.where(c, torch.ones_like(t_next), t_next)
-        for i, (xn, yn) in enumerate(zip(xs_new, ys_new)):
-            y_r = torch.where(c.reshape(instance_shape(yn, k)), xn, yn)
-            if inplace:
-                yn.copy_(y_r)
-            else:
-                ys_new[i] = y_r
     return xs_new, ys_new, t_next
+
+
+def _restart(olds: Sequence[tuple[Tensor, Tensor]], xs_new: list[Tensor], ys_new: list[Tensor], k: int,
+             shape: tuple[int, ...], inplace: bool) -> Tensor:
+    """O'Donoghue-Candes' gradient restart over a group: per instance, whether
+    ``(y_k - x_{k+1})^T (x_{k+1} - x_k) > 0`` (shaped ``shape``; ``olds`` holds ``(x_k, y_k)``
+    per tensor); there ``y_{k+1} = x_{k+1}``, written into ``ys_new`` (in place, or replacing
+    its entries)."""
+    with torch.no_grad():
+        c = sum(instance_sum((y0.detach() - xn.detach()) * (xn.detach() - x0.detach()), k).reshape(shape)
+                for (x0, y0), xn in zip(olds, xs_new)) > 0
+    for i, (xn, yn) in enumerate(zip(xs_new, ys_new)):
+        y_r = torch.where(c.reshape(instance_shape(yn, k)), xn, yn)
+        if inplace:
+            yn.copy_(y_r)
+        else:
+            ys_new[i] = y_r
+    return c
 
 
 # ---------------------------------------------------------------- learned optimizers
@@ -261,18 +270,10 @@ def pafr_update(
     olds = [(x.detach().clone(), y.detach().clone()) if inplace else (x, y) for x, y in zip(xs, ys)]
     xs_new, ys_new, new_state = pa_update(net, state, ys, gs, xs, lr=lr, prox=prox, params=params, step=step,
                                           instance_dims=k, inplace=inplace)
+    c = _restart(olds, xs_new, ys_new, k, (inst,), inplace)
     with torch.no_grad():
-        c = sum(instance_sum((y0.detach() - xn.detach()) * (xn.detach() - x0.detach()), k).reshape(inst)
-                for (x0, y0), xn in zip(olds, xs_new)) > 0
         t_next = torch.where(c, torch.ones_like(t), fista_momentum(t)[0])
         new_state["t"] = torch.cat([t_next.repeat_interleave(y.numel() // inst) for y in ys])
-    if bool(c.any()):
-        for i, (xn, yn) in enumerate(zip(xs_new, ys_new)):
-            restarted = torch.where(c.reshape(instance_shape(yn, k)), xn, yn)
-            if inplace:
-                yn.copy_(restarted)
-            else:
-                ys_new[i] = restarted
     return xs_new, ys_new, new_state
 
 
