@@ -114,23 +114,27 @@ def held_batches(family, instances, seed):
             for i in range(k)]
 
 
-def evaluate_composite(arch, net_sd, config, family_name, family, only=None, auto_lr_scales=(), seed=None):
+def evaluate_composite(arch, net_sd, config, family_name, family, only=None, auto_lr_scales=(), seed=None,
+                       handoffs=(), auto_lr_scale=None):
     """Figures for a LASSO / logistic card: learned vs FISTA and FISTA with adaptive
     restart (the headline baseline; true L) on held instances; the learned optimizer
     also with ``lr=None`` and with its recurrent state stored in bfloat16. ``only``:
     compute just these runs (``--add-figures``). ``auto_lr_scales``: also the runs
     ``learned_lr_none_x{c}``, ``lr=None`` with the estimated step's multiplier ``c``
-    (``--calibrate-step``). ``seed``: of the held instances (default the card's). A
+    (``--calibrate-step``). ``handoffs``: also the runs ``learned_handoff_{h}`` and
+    ``learned_lr_none_handoff_{h}`` (at ``auto_lr_scale``), with the handoff threshold ``h``
+    (``--calibrate-handoff``). ``seed``: of the held instances (default the card's). A
     mixture's figures are over its held batches: the mean relative error over all their
     instances."""
     batches = held_batches(family, EVAL["instances"], EVAL["seed"] if seed is None else seed)
-    per = [_composite_runs(arch, net_sd, config, prob64, only, auto_lr_scales) for prob64 in batches]
+    per = [_composite_runs(arch, net_sd, config, prob64, only, auto_lr_scales, handoffs, auto_lr_scale)
+           for prob64 in batches]
     # (iterations + 1, instances) relative errors, the held batches' instances side by side
     runs = {name: torch.cat([r[name][:min(len(q[name]) for q in per)] for r in per], dim=1) for name in per[0]}
     return _figures(arch, family_name, runs, only)
 
 
-def _composite_runs(arch, net_sd, config, prob64, only, auto_lr_scales=()):
+def _composite_runs(arch, net_sd, config, prob64, only, auto_lr_scales=(), handoffs=(), auto_lr_scale=None):
     F_star = reference_solve(prob64).F
     prob = prob64.to(torch.float32)
     lam = prob.prox_params["lam"]
@@ -149,8 +153,8 @@ def _composite_runs(arch, net_sd, config, prob64, only, auto_lr_scales=()):
     if spec.applies_prox:
         plan["learned"] = lambda: _trace(prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd,
                                                               instance_dims=1, **config), EVAL["iters"], metric=metric)
-        def auto(ps, c=None):
-            opt = cls(ps, prox="l1", lam=lam, weights=net_sd, instance_dims=1, **config)
+        def auto(ps, c=None, **kw):
+            opt = cls(ps, prox="l1", lam=lam, weights=net_sd, instance_dims=1, **kw, **config)
             if c is not None:
                 opt.auto_lr_scale = c
             return opt
@@ -158,6 +162,12 @@ def _composite_runs(arch, net_sd, config, prob64, only, auto_lr_scales=()):
         plan["learned_lr_none"] = lambda: _trace(prob, auto, 300, metric=metric)
         for c in auto_lr_scales:
             plan[f"learned_lr_none_x{c}"] = lambda c=c: _trace(prob, lambda ps: auto(ps, c), 300, metric=metric)
+        for h in handoffs:
+            plan[f"learned_handoff_{h:g}"] = lambda h=h: _trace(
+                prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd, instance_dims=1, handoff=h,
+                                     **config), EVAL["iters"], metric=metric)
+            plan[f"learned_lr_none_handoff_{h:g}"] = lambda h=h: _trace(
+                prob, lambda ps: auto(ps, auto_lr_scale, handoff=h), 300, metric=metric)
         plan["learned_bf16_state"] = lambda: _trace(
             prob, lambda ps: cls(ps, prox="l1", lam=lam, lr=s, weights=net_sd, instance_dims=1,
                                  state_dtype=torch.bfloat16, **config), 300, metric=metric)
@@ -369,6 +379,8 @@ def train_one(arch, family_name, args):
         return add_figures(arch, out, family_name, family, args.add_figures)
     if args.calibrate_step:
         return calibrate_step(arch, out, family_name, family)
+    if args.calibrate_handoff:
+        return calibrate_handoff(arch, out, family_name, family)
     if args.card_only:
         net, info = build_network(arch, str(out))
         best, hist_d, seconds = net.state_dict(), (info["card"] or {}).get("training_history", {}), None
@@ -436,6 +448,8 @@ def train_one(arch, family_name, args):
     print(json.dumps({"file": str(out), "figures": figures}, indent=1))
     if family_name in COMPOSITE and spec.lr_is_step and spec.applies_prox:
         calibrate_step(arch, out, family_name, family)  # the card's lr=None figures at the chosen multiplier
+        if spec.extrapolates:
+            calibrate_handoff(arch, out, family_name, family)
 
 
 def _init_sha(arch, init):
@@ -526,6 +540,63 @@ def calibrate_step(arch, out, family_name, family):
     print(json.dumps({"file": str(card_path), "auto_lr_scale": best}), flush=True)
 
 
+HANDOFFS = (1e-2, 1e-3, 1e-4)  # the thresholds --calibrate-handoff tries, besides none
+
+
+def calibrate_handoff(arch, out, family_name, family):
+    """Measure the weights with the watchdog's handoff to FISTA-restart at each threshold
+    of ``HANDOFFS`` and without, at ``1/L`` on held instances of their family other than
+    the card's (``CALIBRATION_SEED``); record the best on the card (fewest iterations to
+    1e-6, then to 1e-4; a tie goes to no handoff, then to the smaller threshold), which the
+    optimizer then reads (``handoff="calibrated"``), and measure it on the card's instances
+    at ``1/L`` and with ``lr=None``. The weights and their other figures stay as they are:
+    ``learned`` is the learned step alone."""
+    spec = get_architecture(arch)
+    if family_name not in COMPOSITE or not (spec.lr_is_step and spec.applies_prox and spec.extrapolates):
+        raise SystemExit("--calibrate-handoff measures the LASSO and logistic cards of the PA family")
+    net, _ = build_network(arch, str(out))
+    card_path = out.with_suffix(".json")
+    card = json.loads(card_path.read_text())
+    t0 = time.perf_counter()
+    names = {"learned": None, **{f"learned_handoff_{h:g}": h for h in HANDOFFS}}
+    figs = evaluate_composite(arch, net.state_dict(), net.config(), family_name, family, only=set(names),
+                              handoffs=HANDOFFS, seed=CALIBRATION_SEED)
+    runs = {h: figs[name] for name, h in names.items()}
+    for h, f in runs.items():
+        print(f"  handoff {h}: {f['iterations_to_1e-04']} / {f['iterations_to_1e-06']} iterations to 1e-4 / 1e-6, "
+              f"per-instance median {f['per_instance_iterations_to_1e-06']['median']}", flush=True)
+
+    def key(h):
+        f = runs[h]
+        return (f["iterations_to_1e-06"] or math.inf, f["iterations_to_1e-04"] or math.inf, h is not None, h or 0)
+
+    best = min(runs, key=key)
+    card["handoff"] = best
+    card["validation"]["handoff_calibration"] = {
+        "seed": CALIBRATION_SEED, "instances": EVAL["instances"],
+        **{str(h): {k: runs[h][k] for k in ("iterations_to_1e-04", "iterations_to_1e-06")}
+           | {"per_instance_median_to_1e-06": runs[h]["per_instance_iterations_to_1e-06"]["median"]}
+           for h in runs}}
+    added = ["handoff_calibration"]
+    if best is not None:
+        measured = evaluate_composite(arch, net.state_dict(), net.config(), family_name, family,
+                                      only={f"learned_handoff_{best:g}", f"learned_lr_none_handoff_{best:g}"},
+                                      handoffs=(best,), auto_lr_scale=card.get("auto_lr_scale"))
+        base = card["validation"]["figures"].get("fista_restart", {}).get("iterations_to_1e-06")
+        for name, f in measured.items():
+            if base and f.get("iterations_to_1e-06"):
+                f["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / f["iterations_to_1e-06"], 3)
+            short = name.replace(f"_{best:g}", "")  # learned_handoff, learned_lr_none_handoff
+            card["validation"]["figures"][short] = f
+            added.append(short)
+    card["validation"].setdefault("added", []).append({
+        "runs": added, "seconds": round(time.perf_counter() - t0, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "command": f"python pretrained/train.py --family {family_name} --arch {arch} --calibrate-handoff"})
+    card_path.write_text(json.dumps(card, indent=1, sort_keys=False) + "\n")
+    print(json.dumps({"file": str(card_path), "handoff": best}), flush=True)
+
+
 def _meta_loss_text(settings, family_name):
     if settings["loss"] == "last":
         return f"batch-mean F at the last of T = {settings['horizon']} steps, full backpropagation"
@@ -565,6 +636,10 @@ def main(argv=None):
     ap.add_argument("--calibrate-step", action="store_true",
                     help="measure a shipped LASSO / logistic file with lr=None at several multipliers of the "
                          "estimated 1/L and record the best on its card (the optimizer reads it)")
+    ap.add_argument("--calibrate-handoff", action="store_true",
+                    help="measure a shipped LASSO / logistic file of the PA family with the watchdog's handoff to "
+                         "FISTA-restart at several thresholds and record the best on its card (the optimizer "
+                         "reads it)")
     ap.add_argument("--loss", choices=LOSSES, help="the meta-loss (default: the family's; see torch_l2o.meta_train)")
     ap.add_argument("--set", action="append", type=_setting, metavar="KEY=VALUE",
                     help="override a training setting (horizon=300, lr=1e-3, ...); repeatable")

@@ -172,8 +172,8 @@ def test_half_parameters_keep_float32_state(prob, name, dtype):
         for key, v in o.state[q].items():
             if isinstance(v, torch.Tensor):
                 expect = {"x": dtype, "prev_y": dtype, "prev_g": dtype, "wd_best": dtype, "t": torch.float64,
-                          "filled": torch.int64, "wd_since": torch.int64, "watchdog": torch.bool}.get(
-                    key, torch.float64 if key.startswith("wd_") else torch.float32)
+                          "filled": torch.int64, "wd_since": torch.int64, "watchdog": torch.bool,
+                          "handoff": torch.bool}.get(key, torch.float64 if key.startswith("wd_") else torch.float32)
                 assert v.dtype == expect, (key, v.dtype)
     assert bool(torch.isfinite(opt.solution(x).float()).all())
 

@@ -529,11 +529,13 @@ def test_watchdog_residuals_match_reference(prox, dtype):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("per_instance_lr", [False, True])
-def test_watchdog_records_in_one_call_match_the_numpy_rule(dtype, per_instance_lr):
+@pytest.mark.parametrize("handoff", [0.0, 0.3])
+def test_watchdog_records_in_one_call_match_the_numpy_rule(dtype, per_instance_lr, handoff):
     """``watch_records`` (residual, records, best point and verdict in one call of the loop's
     library) against the rule's definition (``watchdog._records`` in numpy on
     ``prox_residuals``), over 45 steps in which instances behave, jump 100x, turn NaN or
-    stall: every record, the best points and the verdicts agree exactly."""
+    stall, with and without a handoff threshold: every record (the handoffs included), the
+    best points and the verdicts agree exactly."""
     import numpy as np
 
     from torch_l2o.kernels.cpu_step import prox_residuals, watch_records
@@ -547,7 +549,8 @@ def test_watchdog_records_in_one_call_match_the_numpy_rule(dtype, per_instance_l
     with use_fused("cpu"):
         G0 = W._residual(torch, prox_residuals([y0], [g0], [lr], "l1", PROX["l1"], 1), lr, (B,))
     recs = [dict(wd_G0=G0.clone(), wd_min=G0.clone(), wd_mark=G0.clone(),
-                 wd_since=torch.zeros(B, dtype=torch.int64), watchdog=torch.zeros(B, dtype=torch.bool)) for _ in "ab"]
+                 wd_since=torch.zeros(B, dtype=torch.int64), watchdog=torch.zeros(B, dtype=torch.bool),
+                 handoff=torch.zeros(B, dtype=torch.bool)) for _ in "ab"]
     bests = [y0.clone(), y0.clone()]
     fallen = []
     for k in range(45):
@@ -559,13 +562,13 @@ def test_watchdog_records_in_one_call_match_the_numpy_rule(dtype, per_instance_l
         if k == 20:
             g[4, 3] = float("nan")
         with use_fused("cpu"):
-            count, new = watch_records(y, g, lr, "l1", PROX["l1"], 1, recs[0], bests[0], W._rule(eps))
+            count, new = watch_records(y, g, lr, "l1", PROX["l1"], 1, recs[0], bests[0], W._rule(eps), handoff)
             G2 = prox_residuals([y], [g], [lr], "l1", PROX["l1"], 1)
         rec = {key: W._host(v) for key, v in recs[1].items()}
-        better, new_ref = W._records(np, W._residual(np, W._host(G2), lr, (B,)), rec, eps)
+        better, new_ref = W._records(np, W._residual(np, W._host(G2), lr, (B,)), rec, eps, handoff or None)
         bests[1] = torch.where(torch.as_tensor(better).reshape(B, 1), y, bests[1])
         assert torch.equal(new, torch.as_tensor(new_ref))
-        assert count == int((recs[1]["watchdog"] | new).sum())
+        assert count == int((recs[1]["watchdog"] | recs[1]["handoff"] | new).sum())
         for key in recs[0]:
             assert torch.equal(recs[0][key], recs[1][key]), (k, key)
         assert torch.equal(bests[0], bests[1])
@@ -573,7 +576,12 @@ def test_watchdog_records_in_one_call_match_the_numpy_rule(dtype, per_instance_l
             r["watchdog"] |= new  # as the fallback marks them
         fallen.append(new)
     fell = torch.stack(fallen).any(0)
-    assert fell.tolist() == [False, True, True, False, True, False]  # the jump, the stall, the NaN
+    handed = recs[0]["handoff"].tolist()
+    if handoff:  # the shrinking instances hand off (4 before its NaN, which then changes nothing); 1 jumped first
+        assert handed == [True, False, False, True, True, True] and fell.tolist() == [False, True, True] + [False] * 3
+    else:
+        assert fell.tolist() == [False, True, True, False, True, False]  # the jump, the stall, the NaN
+        assert not any(handed)
 
 
 def test_watchdog_records_decline_what_they_do_not_serve():
@@ -585,7 +593,7 @@ def test_watchdog_records_decline_what_they_do_not_serve():
     y, g = torch.randn(3, 8), torch.randn(3, 8)
     rec = dict(wd_G0=torch.ones(3, dtype=torch.float64), wd_min=torch.full((3,), 1e9, dtype=torch.float64),
                wd_mark=torch.ones(3, dtype=torch.float64), wd_since=torch.zeros(3, dtype=torch.int64),
-               watchdog=torch.zeros(3, dtype=torch.bool))
+               watchdog=torch.zeros(3, dtype=torch.bool), handoff=torch.zeros(3, dtype=torch.bool))
     best = y.clone()
     rule = W._rule(torch.finfo(torch.float32).eps)
     with use_fused("cpu"):

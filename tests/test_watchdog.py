@@ -187,3 +187,112 @@ def test_the_gradient_watch_ignores_noise_below_its_floor_and_survives_a_state_d
         with pytest.warns(RuntimeWarning, match="at step 4 the gradient norm of 2 instance"):
             _feed(o, p, [(1.0, 1.0)], seed=3)  # 1e6x its minimum, from a restored record too
     assert torch.equal(x, x2) and opt2.state[x2]["watchdog"].all()
+
+
+# ----------------------------------------------------------------- the handoff
+# An instance whose prox-gradient residual reached handoff * G_0 leaves the learned step for
+# FISTA-restart steps from where it is: the learned step gains early, FISTA-restart's tail is faster.
+
+
+def test_a_handed_off_instance_continues_as_fista_restart_from_where_it_is():
+    """The step that hands off is FISTA-restart's from the learned state (y_k, x_k) with
+    t = 1, and every later step is FISTA-restart's: equal to ``torch_l2o.FISTA`` started
+    there. No warning (a handoff is not a failure), the network no longer runs."""
+    prob = Lasso(m=50, n=100, sparsity=10).sample(1, generator=torch.Generator().manual_seed(0))
+    s = prob.step_size()
+    x = prob.x0().requires_grad_(True)
+    opt = torch_l2o.PAGRU([x], prox="l1", lam=LAM, lr=s, weights="lasso-mix", instance_dims=1, handoff=1e-2)
+    calls = []
+    hook = opt._net_on(x.device).register_forward_hook(lambda *a: calls.append(1))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for k in range(200):
+            y_k, x_k = x.detach().clone(), opt.solution(x).clone()
+            _steps(opt, x, prob, 1)
+            if bool(opt.state[x]["handoff"].any()):
+                break
+        # learned steps first (the network ran at each); the handing-off step already skips it
+        assert 5 < k < 200 and len(calls) == k
+        assert not bool(opt.state[x]["watchdog"].any())
+        z = y_k.clone().requires_grad_(True)
+        fista = torch_l2o.FISTA([z], prox="l1", lam=LAM, lr=s, restart=True, instance_dims=1)
+        fista.state[z].update(x=x_k, t=torch.ones(1, dtype=torch.float64))
+        _steps(fista, z, prob, 1)
+        assert torch.equal(x, z) and torch.equal(opt.solution(x), fista.solution(z))
+        for _ in range(40):
+            _steps(opt, x, prob, 1)
+            _steps(fista, z, prob, 1)
+            assert torch.allclose(opt.solution(x), fista.solution(z), rtol=1e-6, atol=1e-7)
+    hook.remove()
+    assert len(calls) == k  # handed off: the network is no longer run
+
+
+def test_the_handoff_fires_per_instance_at_its_threshold():
+    """Instances hand off one by one, each at the first step where G <= handoff * G_0
+    (G the residual the watchdog records); a smaller threshold hands off later."""
+    from torch_l2o.kernels.reference import prox_point_reference
+
+    prob = Lasso(m=40, n=80, sparsity=8).sample(4, generator=torch.Generator().manual_seed(1))
+    s = prob.step_size()
+    first = {}
+    for h in (1e-2, 1e-3):
+        x = prob.x0().requires_grad_(True)
+        opt = torch_l2o.PAMR([x], prox="l1", lam=LAM, lr=s, weights="lasso-mix", instance_dims=1, handoff=h)
+        G0, when = None, torch.full((4,), -1)
+        for k in range(400):
+            opt.zero_grad()
+            prob.smooth(x).sum().backward()
+            T = prox_point_reference(x.detach(), x.grad, s, 1.0, "l1", {"lam": LAM})
+            G = ((T - x.detach()).double().norm(dim=1) / s.reshape(-1).double())
+            G0 = G if G0 is None else G0
+            before = opt.state[x].get("handoff", torch.zeros(4, dtype=torch.bool)).clone()
+            opt.step()
+            now = opt.state[x]["handoff"] & ~before
+            assert torch.equal(now, (G <= h * G0) & ~before)
+            when[now] = k
+            if bool(opt.state[x]["handoff"].all()):
+                break
+        assert bool((when > 0).all()) and len(set(when.tolist())) > 1  # per instance, not all at once
+        first[h] = when
+    assert bool((first[1e-3] >= first[1e-2]).all())
+
+
+def test_handoff_options_are_checked_and_read_from_the_card():
+    x = torch.zeros(2, 10, requires_grad=True)
+    opt = torch_l2o.PAGRU([x], prox="l1", lam=LAM, lr=0.1, weights="lasso-mix", instance_dims=1)
+    calibrated = opt.weights_info["card"].get("handoff")
+    assert calibrated is not None and 0 < calibrated < 1  # the mixture weights' card records one
+    assert opt.param_groups[0]["handoff"] == calibrated
+    assert torch_l2o.PAGRU([x], prox="l1", lam=LAM, lr=0.1, instance_dims=1).param_groups[0]["handoff"] is None
+    for kw in (dict(watchdog=False), dict(safeguard=True), dict(handoff=None)):
+        opt = torch_l2o.PAGRU([x], prox="l1", lam=LAM, lr=0.1, weights="lasso-mix", instance_dims=1, **kw)
+        assert opt.param_groups[0]["handoff"] is None  # the card's value needs the watchdog
+    for bad in (0, 1, -0.5, 2.0, True, "soon"):
+        with pytest.raises(ValueError, match="handoff must be a number in"):
+            torch_l2o.PAGRU([x], prox="l1", lam=LAM, lr=0.1, weights="lasso-mix", handoff=bad)
+    for kw in (dict(watchdog=False), dict(safeguard=True)):
+        with pytest.raises(ValueError, match="handoff=0.01 needs the watchdog"):
+            torch_l2o.PAGRU([x], prox="l1", lam=LAM, lr=0.1, handoff=1e-2, **kw)
+
+
+def test_state_dict_round_trip_after_a_handoff():
+    prob = Lasso(m=40, n=80, sparsity=8).sample(4, generator=torch.Generator().manual_seed(5))
+    s = prob.step_size()
+    x = prob.x0().requires_grad_(True)
+
+    def make(p):
+        return torch_l2o.PAGRU([p], prox="l1", lam=LAM, lr=s, weights="lasso-mix", instance_dims=1, handoff=1e-2)
+
+    opt = make(x)
+    _steps(opt, x, prob, 1)
+    while not bool(opt.state[x]["handoff"].any()):
+        _steps(opt, x, prob, 1)
+    assert not bool(opt.state[x]["handoff"].all())  # some handed off, some still learned
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = make(x2)
+    opt2.load_state_dict(copy.deepcopy(opt.state_dict()))
+    assert opt2.param_groups[0]["handoff"] == 1e-2
+    _steps(opt, x, prob, 15)
+    _steps(opt2, x2, prob, 15)
+    assert torch.equal(x, x2) and torch.equal(opt.solution(x), opt2.solution(x2))
+    assert torch.equal(opt.state[x]["handoff"], opt2.state[x2]["handoff"])

@@ -724,6 +724,7 @@ struct Watch {  // mirrored by cpu_step.py's _Watch
   double* wd_min; double* wd_mark; const double* wd_G0; int64_t* since;
   const uint8_t* off; uint8_t* fresh; void* best;
   double kappa, jump_floor, stall_floor; int64_t patience;
+  uint8_t* handed; double handoff;            // handed off to FISTA-restart (in/out); at G <= handoff G0 (0: never)
 };
 #pragma GCC push_options
 #pragma GCC optimize("fp-contract=off")
@@ -733,7 +734,7 @@ static int64_t watch(const Args& a, int64_t per, const Watch& w) {
   for (int64_t b = 0; b * per < a.n; b++) {
     double G = sqrt(residual<R>(a, b * per, (b + 1) * per)) / (w.step ? w.step[b] : w.step_scalar);
     G = G != G ? INFINITY : (G > DBL_MAX ? DBL_MAX : G);
-    const bool off = w.off[b] != 0;
+    const bool off = w.off[b] != 0 || w.handed[b] != 0;
     const double up = w.kappa * w.wd_min[b], floor = w.jump_floor * w.wd_G0[b];
     const bool jump = G > (up > floor ? up : floor);
     const bool better = G < w.wd_min[b] && !(off || jump);
@@ -746,7 +747,8 @@ static int64_t watch(const Args& a, int64_t per, const Watch& w) {
     w.since[b] = halved ? 0 : w.since[b] + 1;
     const bool stall = w.since[b] >= w.patience && w.wd_min[b] > w.stall_floor * w.wd_G0[b];
     w.fresh[b] = (jump || stall) && !off;
-    count += off || w.fresh[b];
+    if (w.handoff > 0 && !off && !w.fresh[b] && G <= w.handoff * w.wd_G0[b]) w.handed[b] = 1;
+    count += off || w.fresh[b] || w.handed[b];
   }
   return count;
 }
@@ -812,7 +814,8 @@ class _Watch(ctypes.Structure):
                 for name, kind in (
                     ("step", "p"), ("step_scalar", "d"), ("wd_min", "p"), ("wd_mark", "p"), ("wd_G0", "p"),
                     ("since", "p"), ("off", "p"), ("fresh", "p"), ("best", "p"), ("kappa", "d"),
-                    ("jump_floor", "d"), ("stall_floor", "d"), ("patience", "i"))]
+                    ("jump_floor", "d"), ("stall_floor", "d"), ("patience", "i"), ("handed", "p"),
+                    ("handoff", "d"))]
 
 
 # ---------------------------------------------------------------- switch
@@ -1117,13 +1120,15 @@ def prox_residuals(ys, gs, lrs, prox: str, params: Any, instance_dims: int) -> T
 
 
 def watch_records(y: Tensor, g: Tensor, lr: Any, prox: str, params: Any, instance_dims: int, rec: dict,
-                  best: Tensor, rule: tuple[float, float, float, int]) -> tuple[int, Tensor] | None:
+                  best: Tensor, rule: tuple[float, float, float, int], handoff: float = 0.0
+                  ) -> tuple[int, Tensor] | None:
     """The watchdog's step for a group of one tensor in one call of the loop's library: the
     residual, the records ``rec`` (``wd_min``, ``wd_mark``, ``wd_G0``, ``wd_since``,
-    ``watchdog``) updated in place as :func:`torch_l2o.optim.watchdog._records` updates them,
-    ``best`` overwritten where an instance reached a new minimum. ``rule``: ``(kappa,
-    jump_floor, stall_floor, patience)``. Returns the number of instances fallen back (before
-    or now) and the mask of those falling back now; ``None`` declines (records untouched).
+    ``watchdog``, ``handoff``) updated in place as :func:`torch_l2o.optim.watchdog._records`
+    updates them, ``best`` overwritten where an instance reached a new minimum. ``rule``:
+    ``(kappa, jump_floor, stall_floor, patience)``; ``handoff``: the relative residual of a
+    handoff (0: none). Returns the number of instances off the learned step (before or now)
+    and the mask of those falling back now; ``None`` declines (records untouched).
     On a small problem the PyTorch/numpy path costs ~150 us a step, more than the step."""
     if not _serving():
         return None
@@ -1133,8 +1138,8 @@ def watch_records(y: Tensor, g: Tensor, lr: Any, prox: str, params: Any, instanc
     if lib is None or not y.numel() or not (best.dtype == y.dtype and best.shape == y.shape and best.is_contiguous()):
         return None
     inst = _instance_count(y, instance_dims)
-    wd = [rec[key] for key in ("wd_min", "wd_mark", "wd_G0", "wd_since", "watchdog")]
-    for t, dt in zip(wd, (torch.float64,) * 3 + (torch.int64, torch.bool)):
+    wd = [rec[key] for key in ("wd_min", "wd_mark", "wd_G0", "wd_since", "watchdog", "handoff")]
+    for t, dt in zip(wd, (torch.float64,) * 3 + (torch.int64, torch.bool, torch.bool)):
         # a state_dict round trip may have cast the records to the parameters' dtype
         if t.dtype != dt or t.device.type != "cpu" or t.numel() != inst or not t.is_contiguous():
             return None
@@ -1156,7 +1161,7 @@ def watch_records(y: Tensor, g: Tensor, lr: Any, prox: str, params: Any, instanc
     w = _Watch(step=_ptr(step), step_scalar=scalar, wd_min=wd[0].data_ptr(), wd_mark=wd[1].data_ptr(),
                wd_G0=wd[2].data_ptr(), since=wd[3].data_ptr(), off=wd[4].data_ptr(), fresh=fresh.data_ptr(),
                best=best.data_ptr(), kappa=kappa, jump_floor=jump_floor, stall_floor=stall_floor,
-               patience=patience)
+               patience=patience, handed=wd[5].data_ptr(), handoff=handoff)
     fn = lib.l2o_watch_f32 if y.dtype == torch.float32 else lib.l2o_watch_f64
     return int(fn(ctypes.byref(args), y.numel() // inst, ctypes.byref(w))), fresh
 

@@ -77,7 +77,11 @@ _PROX_ARGS = """
         safeguard: accept a learned step only where it is no worse than FISTA-restart's
             model (needs ``step(closure)``; extrapolating architectures).
         watchdog: move an instance whose learned steps diverge or stall to the classical
-            step from its best point, with one warning (default ``True``).""" + _COMMON_ARGS
+            step from its best point, with one warning (default ``True``).
+        handoff: hand an instance to FISTA-restart steps, from where it is, once its
+            prox-gradient residual is ``handoff`` times its first (a number in (0, 1), or
+            ``None``: never); default ``"calibrated"``, the weights' card's value (the
+            mixture weights: 1e-2; none for the others). Needs the watchdog.""" + _COMMON_ARGS
 
 _OUTPUT_ARGS = """
     Args:
@@ -204,7 +208,8 @@ class LearnedOptimizer(ProxOptimizer):
         """The watchdog's verdict on this step, before the learned update writes anything:
         the fallback to apply after it, or ``None``."""
         return watchdog.check(ps, gs, states, lrs, group["prox"], prox_params, group["instance_dims"],
-                              self.architecture.extrapolates, type(self).__name__, self.state[group["params"][0]])
+                              self.architecture.extrapolates, type(self).__name__, self.state[group["params"][0]],
+                              group.get("handoff"))
 
     def _update(self, group, ps, gs, states, lrs, prox_params, ctx) -> None:
         if group.get("safeguard"):
@@ -247,7 +252,11 @@ class ProxLearnedOptimizer(LearnedOptimizer):
     FISTA-restart's step elsewhere: never behind FISTA-restart's model, O(1/k^2) on convex
     problems (:mod:`torch_l2o.optim.safeguard`). Without it, ``watchdog=True`` (the default)
     catches an instance whose learned steps diverge and moves it to FISTA-restart steps
-    from its best point, with a warning (:mod:`torch_l2o.optim.watchdog`).
+    from its best point, with a warning (:mod:`torch_l2o.optim.watchdog`); with
+    ``handoff=h`` (the mixture weights' cards calibrate one) it also hands an instance to
+    FISTA-restart, from where it is and without a warning, once its prox-gradient residual
+    is ``h`` times its first: the learned step for the early iterations, where it gains
+    most, FISTA-restart's linear tail after.
 
     With ``lr=None`` the base step is ``auto_lr_scale / L_k`` (``L_k`` the secant estimate,
     :mod:`torch_l2o.optim.stepsize`): the multiplier calibrated for the weights on their
@@ -272,19 +281,36 @@ class ProxLearnedOptimizer(LearnedOptimizer):
 
     def __init__(self, params: Iterable, lr: Any = None, *, prox: str = "none", lam: float | None = None,
                  prox_params: dict | None = None, weights: Any = None, safeguard: bool = False,
-                 watchdog: bool = True, instance_dims: int | None = None, nonfinite: str = "raise",
-                 state_dtype: torch.dtype = torch.float32, **options: Any) -> None:
+                 watchdog: bool = True, handoff: Any = "calibrated", instance_dims: int | None = None,
+                 nonfinite: str = "raise", state_dtype: torch.dtype = torch.float32, **options: Any) -> None:
         super().__init__(params, dict(lr=lr, prox=prox, lam=lam, prox_params=prox_params, safeguard=safeguard,
-                                      watchdog=watchdog, instance_dims=instance_dims, nonfinite=nonfinite),
+                                      watchdog=watchdog, handoff=handoff, instance_dims=instance_dims,
+                                      nonfinite=nonfinite),
                          weights, state_dtype, **options)
         calibrated = (self.weights_info.get("card") or {}).get("auto_lr_scale")
         if calibrated is not None:
             self.auto_lr_scale = float(calibrated)
 
     def _check_group(self, group) -> None:
+        name = type(self).__name__
         if group.get("safeguard") and not self.architecture.extrapolates:
-            raise ValueError(f"{type(self).__name__}: safeguard=True needs an architecture with a prox iterate "
+            raise ValueError(f"{name}: safeguard=True needs an architecture with a prox iterate "
                              f"apart from the gradient point; {self.architecture.display_name} has none")
+        h = group.get("handoff")
+        if h == "calibrated":  # the card's threshold, where the watchdog that measures it runs
+            h = (self.weights_info.get("card") or {}).get("handoff")
+            group["handoff"] = float(h) if h is not None and group.get("watchdog") and not group.get("safeguard") \
+                else None
+        elif h is not None:
+            if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h < 1:
+                raise ValueError(f"{name}: handoff must be a number in (0, 1) (the residual, relative to the "
+                                 f"first, at which an instance hands off to FISTA-restart), None (never) or "
+                                 f"'calibrated' (the weights' card); got {h!r}")
+            if not group.get("watchdog") or group.get("safeguard"):
+                raise ValueError(f"{name}: handoff={h!r} needs the watchdog, which measures the residual, and no "
+                                 "safeguard (which runs FISTA-restart alongside instead): pass watchdog=True and "
+                                 "safeguard=False, or handoff=None")
+            group["handoff"] = float(h)
         super()._check_group(group)
 
 

@@ -17,6 +17,19 @@ ISTA steps for architectures without a separate prox iterate. The optimizer warn
 the first such instance of a param group and marks every one in ``state[p]["watchdog"]``
 (``p`` the group's first parameter).
 
+**Handoff.** The same record serves a second, planned exit: with ``handoff=h`` an
+instance whose residual reaches ``G_k <= h G_0`` leaves the learned step for good and
+continues with FISTA-restart steps *from where it is* (the step that hands off is
+FISTA-restart's from ``(y_k, x_k)`` with ``t = 1``, a restart), without a warning; it is
+marked in ``state[p]["handoff"]``, not in ``"watchdog"``. Why: out of their training
+family the learned steps gain most early and least late (PA-GRU's mixture weights reach
+1e-3 relative error in 0.56-0.89x FISTA-restart's iterations on the ood suite's twelve
+sets, median 0.68, and 1e-6 in 0.72-1.23x), where FISTA-restart, on an identified
+support, converges linearly. The threshold is calibrated
+per weights on held instances of their own family (``pretrained/train.py
+--calibrate-handoff``) and read from the card; the single-family weights, faster than
+FISTA-restart to the end in their family, have none.
+
 ``KAPPA = 10`` and ``EPS = 1e-6`` come from measurement: with the shipped LASSO weights in
 distribution (64 instances, 1000 iterations, PA, PA-GRU, PA-MR, known and estimated
 steps) the residual never rose above 2.1x its running minimum; on the failures it is
@@ -32,7 +45,7 @@ for them :func:`watch_gradient` watches the gradient norm and only reports.
 Cost: one prox-gradient evaluation and a per-instance norm per step (on CPU tensors one
 pass of the fused loop's prox, :func:`torch_l2o.kernels.cpu_step.prox_residuals`), plus
 one copy of the parameters (``y*``); none once every instance of a group has fallen back
-(the optimizer then skips the network too). ``G`` is computed in the compute dtype
+or handed off (the optimizer then skips the network too). ``G`` is computed in the compute dtype
 (float32 for bf16/fp16 parameters), not rounded to the storage dtype: at a half-precision
 fixed point it is the rounding's small residual, not 0, so a half-precision run near its
 floor is handed to FISTA-restart sooner. The per-instance bookkeeping (:func:`_records`)
@@ -72,11 +85,14 @@ FLOOR_GRAD = 1e-4
 
 @dataclass
 class Plan:
-    """What to write after the learned step: instances ``mask`` (per instance) take ``xs``, ``ys``."""
+    """What to write after the learned step: instances ``mask`` (per instance) take ``xs``,
+    ``ys``; ``done``: every instance is off the learned step and the fallback step has
+    already been taken in place (nothing to write, no network to run)."""
 
     mask: Tensor
     xs: list[Tensor]
     ys: list[Tensor]
+    done: bool = False
 
 
 _LIBRARIES = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.path.dirname(torch.__file__))
@@ -109,25 +125,36 @@ def _sq_norm(vs, k: int, shape: tuple[int, ...]) -> Tensor:
 
 
 def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[dict], lrs: Sequence,
-          prox: str, prox_params: dict, k: int, extrapolates: bool, name: str, s0: dict) -> Plan | None:
+          prox: str, prox_params: dict, k: int, extrapolates: bool, name: str, s0: dict,
+          handoff: float | None = None) -> Plan | None:
     """Watch one param group's step (before the learned update writes anything); returns
     the fallback to apply after it, or ``None`` while every instance behaves. ``s0`` holds
-    the group's per-instance record (the state of its first parameter)."""
+    the group's per-instance record (the state of its first parameter); ``handoff``: the
+    relative residual ``G / G_0`` at which an instance hands off to FISTA-restart (``None``:
+    never)."""
     ys = [p.detach() for p in params]
     for s, y in zip(states, ys):
         if "wd_best" not in s:
             s["wd_best"] = y.clone()
-    if "watchdog" in s0 and bool(_host(s0["watchdog"]).all()):  # all fell back for good: nothing left to watch
-        off = s0["watchdog"]
-        return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, torch.zeros_like(off))
+    if "watchdog" in s0:
+        s0.setdefault("handoff", torch.zeros_like(s0["watchdog"]))  # a state from before the handoff
+        if bool(_host(_off(s0)).all()):  # all left the learned step for good: nothing left to watch
+            off = _off(s0)
+            if extrapolates:  # FISTA-restart's own step, in place: it costs what torch_l2o.FISTA's does
+                _, _, s0["wd_t"] = fista_update(ys, grads, [s["x"] for s in states], s0["wd_t"], lrs=lrs, prox=prox,
+                                                params=prox_params, restart=True, instance_dims=k, inplace=True)
+                return Plan(off, [], [], done=True)
+            return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off,
+                             torch.zeros_like(off))
     eps = torch.finfo(params[0].dtype).eps
     if "wd_min" in s0 and len(ys) == 1:  # the common case in one call of the fused CPU loop's library
-        done = watch_records(ys[0], grads[0], lrs[0], prox, prox_params, k, s0, states[0]["wd_best"], _rule(eps))
+        done = watch_records(ys[0], grads[0], lrs[0], prox, prox_params, k, s0, states[0]["wd_best"], _rule(eps),
+                             handoff or 0.0)
         if done is not None:
             count, new = done
             if count == 0:
                 return None
-            return _verdict(ys, grads, states, lrs, prox, prox_params, k, extrapolates, name, s0, s0["watchdog"], new)
+            return _verdict(ys, grads, states, lrs, prox, prox_params, k, extrapolates, name, s0, _off(s0), new)
     # G per instance in float64: one pass of the fused CPU loop's prox where it serves
     shape = tuple(params[0].shape[:k])
     G2 = prox_residuals(ys, grads, lrs, prox, prox_params, k)
@@ -139,31 +166,38 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
         G = _residual(torch, G2, lrs[0], shape)
         s0.update(wd_G0=G.clone(), wd_min=G.clone(), wd_mark=G.clone(), wd_t=torch.ones_like(G),
                   wd_since=torch.zeros(shape, dtype=torch.int64, device=G.device),
-                  watchdog=torch.zeros(shape, dtype=torch.bool, device=G.device))
+                  watchdog=torch.zeros(shape, dtype=torch.bool, device=G.device),
+                  handoff=torch.zeros(shape, dtype=torch.bool, device=G.device))
         return None
     # The per-instance bookkeeping: a few dozen operations on B numbers. On the CPU they run in
     # numpy on the records' own memory (about 1 us each against torch's ~4 us of dispatch: a
     # third of a small problem's learned step); on a GPU in torch.
     cpu = G2.device.type == "cpu"
     xp = np if cpu else torch
-    rec = {key: _host(s0[key]) if cpu else s0[key] for key in ("wd_min", "wd_mark", "wd_since", "wd_G0", "watchdog")}
+    rec = {key: _host(s0[key]) if cpu else s0[key]
+           for key in ("wd_min", "wd_mark", "wd_since", "wd_G0", "watchdog", "handoff")}
     G = _residual(xp, _host(G2) if cpu else G2, lrs[0], shape)
-    better, new = _records(xp, G, rec, eps)
-    off = rec["watchdog"]
+    better, new = _records(xp, G, rec, eps, handoff)
     if not cpu or better.any():
         b = torch.as_tensor(better) if cpu else better  # numpy gives scalars for 0-dim records
         for s, y in zip(states, ys):
             s["wd_best"] = torch.where(_per_instance(b, y, k), y, s["wd_best"])
+    new = torch.as_tensor(new) if cpu else new
+    off = _off(s0)  # after the records: those handed off now included
     if not bool((off | new).any()):
         return None
-    return _verdict(ys, grads, states, lrs, prox, prox_params, k, extrapolates, name, s0, s0["watchdog"],
-                    torch.as_tensor(new) if cpu else new)
+    return _verdict(ys, grads, states, lrs, prox, prox_params, k, extrapolates, name, s0, off, new)
+
+
+def _off(s0: dict) -> Tensor:
+    """The instances that have left the learned step for good: fallen back, or handed off."""
+    return s0["watchdog"] | s0["handoff"]
 
 
 def _verdict(ys, grads, states, lrs, prox, prox_params, k, extrapolates, name, s0, off, new) -> Plan:
-    """Some instance has fallen back (``off``) or falls back now (``new``): warn at the
-    group's first, and plan the fallback step."""
-    if bool(new.any()) and not bool(off.any()):  # once per group: later instances are only counted
+    """Some instance has left the learned step (``off``: fallen back or handed off) or falls
+    back now (``new``): warn at the group's first failure, and plan the fallback step."""
+    if bool(new.any()) and not bool(s0["watchdog"].any()):  # once per group: later ones are only counted
         warnings.warn(
             f"{name}: the learned step diverged or stalled on {int(new.sum())} instance(s) (prox-gradient "
             f"residual over {KAPPA:g}x its running minimum, or not halved in {PATIENCE} steps); they continue "
@@ -199,12 +233,13 @@ def _rule(eps: float) -> tuple[float, float, float, int]:
     return KAPPA, KAPPA * max(EPS, 10 * eps), max(STALL_EPS, 100 * eps), PATIENCE
 
 
-def _records(xp, G, rec, eps):
+def _records(xp, G, rec, eps, handoff=None):
     """Update the running minimum, its mark and the steps since it last halved, in place
-    (``rec``: the arrays of ``wd_min``, ``wd_mark``, ``wd_since``, ``wd_G0``, ``watchdog``;
-    numpy views or tensors, ``xp`` their module); returns ``better`` (a new minimum) and
-    ``new`` (diverging or stalled now, not fallen back before)."""
-    off, wd_min, G0 = rec["watchdog"], rec["wd_min"], rec["wd_G0"]
+    (``rec``: the arrays of ``wd_min``, ``wd_mark``, ``wd_since``, ``wd_G0``, ``watchdog``,
+    ``handoff``; numpy views or tensors, ``xp`` their module), and mark in ``handoff`` the
+    instances whose residual reached ``handoff * G_0`` now; returns ``better`` (a new
+    minimum) and ``new`` (diverging or stalled now, not off the learned step before)."""
+    off, wd_min, G0 = rec["watchdog"] | rec["handoff"], rec["wd_min"], rec["wd_G0"]
     kappa, jump_floor, stall_floor, patience = _rule(eps)
     jump = G > xp.maximum(kappa * wd_min, jump_floor * G0)
     better = (G < wd_min) & ~(off | jump)
@@ -214,13 +249,17 @@ def _records(xp, G, rec, eps):
     since = rec["wd_since"]
     since[...] = xp.where(halved, 0, since + 1)
     stall = (since >= patience) & (wd_min > stall_floor * G0)
-    return better, (jump | stall) & ~off
+    new = (jump | stall) & ~off
+    if handoff:
+        rec["handoff"][...] = rec["handoff"] | ((G <= handoff * G0) & ~(off | new))
+    return better, new
 
 
 def _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, new) -> Plan:
-    """The instances already falling back (``off``) take the FISTA-restart step (the
-    optimizer's own update function), or the ISTA step T y_k; those falling back now
-    (``new``) restart at their best point; the state of the others is left as it is."""
+    """The instances already off the learned step (``off``; one handed off this step
+    included: its ``t`` is still 1, a restart) take the FISTA-restart step (the optimizer's
+    own update function), or the ISTA step T y_k; those falling back now (``new``) restart
+    at their best point; the state of the others is left as it is."""
     t = s0["wd_t"]
     if extrapolates:
         xs_f, ys_f, t_f = fista_update(ys, grads, [s["x"] for s in states], t, lrs=lrs, prox=prox,
@@ -234,12 +273,14 @@ def _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, of
         nw = _per_instance(new, x_f, k)
         xs_new.append(torch.where(nw, s["wd_best"], x_f))  # a diverging instance restarts at its best point
         ys_new.append(torch.where(nw, s["wd_best"], y_f))
-    s0["watchdog"] = off | new
+    s0["watchdog"] = s0["watchdog"] | new
     return Plan(off | new, xs_new, ys_new)
 
 
 def apply(plan: Plan, params: Sequence[Tensor], states: Sequence[dict], k: int, extrapolates: bool) -> None:
     """Overwrite the fallen-back instances with the fallback's iterates (after the learned step)."""
+    if plan.done:
+        return
     for p, s, x, y in zip(params, states, plan.xs, plan.ys):
         m = _per_instance(plan.mask, p, k)
         p.copy_(torch.where(m, y, p))
