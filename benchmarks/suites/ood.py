@@ -18,7 +18,9 @@ baseline, first), FISTA, the three learned optimizers with the shipped weights o
 family (watchdog on, the default), the mixture-trained weights where they are shipped
 (``"lasso-mix"``, ``"logistic-mix"``: rows "... mix"; their studied variants where their files
 are in ``pretrained/``, e.g. ``"lasso-mix-small"``: "... mix small", unguarded only), the first mixture row again with ``hold_fixed=False``
-(every coordinate's network run at every step: what the default saves, in seconds), and
+(every coordinate's network run at every step: what the default saves, in seconds), the
+mixture rows again with ``handoff=None`` (no handoff to FISTA-restart at the card's
+threshold: the learned step alone; the "handoff" column counts the instances handed off), and
 the same with ``safeguard=True`` (driven by ``step(closure)``). A run stops once its mean relative error is at most 1e-6; the budget is 2000
 iterations unless ``--iters`` says otherwise. The
 summary divides each method's iterations to 1e-6 by FISTA-restart's; "never" (the
@@ -117,6 +119,10 @@ def methods(problem, weights: str, auto: bool = False):
     for label, cls, w in [m for m in learned if m[2].endswith("-mix")][:1]:
         out.append((f"{label} hold_fixed=False", lambda ps, cls=cls, w=w: cls(
             ps, prox="l1", lam=lam, lr=s, weights=w, instance_dims=1, hold_fixed=False), False))
+    # the mixture rows without the card's handoff to FISTA-restart: the learned step alone
+    for label, cls, w in [m for m in learned if m[2].endswith("-mix")]:
+        out.append((f"{label} handoff=None", lambda ps, cls=cls, w=w: cls(
+            ps, prox="l1", lam=lam, lr=s, weights=w, instance_dims=1, handoff=None), False))
     if auto:
         return out
     for label, cls, w in learned:
@@ -151,6 +157,8 @@ def _run(label, problem, F_star, make, closure, cfg, iters):
     st = kept["opt"].state[kept["p"]]
     # instances the watchdog moved to FISTA-restart steps; safeguard: share of steps that fell back to FISTA-restart's iterate
     row["watchdog"] = f"{int(st['watchdog'].sum())}/{st['watchdog'].numel()}" if "watchdog" in st else None
+    # instances handed off to FISTA-restart at the card's threshold (not failures)
+    row["handoff"] = f"{int(st['handoff'].sum())}/{st['handoff'].numel()}" if "handoff" in st else None
     row["fallback rate"] = (round(float(st["fallbacks"].double().mean()) / max(row["iters run"], 1), 3)
                             if "fallbacks" in st else None)
     return row, tr
