@@ -219,12 +219,61 @@ def test_a_handed_off_instance_continues_as_fista_restart_from_where_it_is():
         fista.state[z].update(x=x_k, t=torch.ones(1, dtype=torch.float64))
         _steps(fista, z, prob, 1)
         assert torch.equal(x, z) and torch.equal(opt.solution(x), fista.solution(z))
-        for _ in range(40):
+        for _ in range(40):  # the same in-place FISTA-restart update: the same bits
             _steps(opt, x, prob, 1)
             _steps(fista, z, prob, 1)
-            assert torch.allclose(opt.solution(x), fista.solution(z), rtol=1e-6, atol=1e-7)
+            assert torch.equal(x, z) and torch.equal(opt.solution(x), fista.solution(z))
     hook.remove()
     assert len(calls) == k  # handed off: the network is no longer run
+
+
+def test_an_instance_handed_off_beside_learned_ones_runs_fista_restart():
+    """In a batch, the first instance to hand off takes FISTA-restart steps (the fallback's
+    out-of-place path, while the others still take learned steps, then the in-place one)
+    equal to ``torch_l2o.FISTA`` on that instance alone from its state at the handoff."""
+    prob = Lasso(m=50, n=100, sparsity=10).sample(3, generator=torch.Generator().manual_seed(0))
+    s = prob.step_size()
+    x = prob.x0().requires_grad_(True)
+    opt = torch_l2o.PAGRU([x], prox="l1", lam=LAM, lr=s, weights="lasso-mix", instance_dims=1, handoff=1e-2)
+    for k in range(200):
+        y_k, x_k = x.detach().clone(), opt.solution(x).clone()
+        _steps(opt, x, prob, 1)
+        if bool(opt.state[x]["handoff"].any()):
+            break
+    off = opt.state[x]["handoff"]
+    assert not bool(off.all())  # the others go on learning
+    i = int(off.nonzero()[0])
+    one = prob[i:i + 1]
+    z = y_k[i:i + 1].clone().requires_grad_(True)
+    fista = torch_l2o.FISTA([z], prox="l1", lam=LAM, lr=s[i:i + 1], restart=True, instance_dims=1)
+    fista.state[z].update(x=x_k[i:i + 1].clone(), t=torch.ones(1, dtype=torch.float64))
+    _steps(fista, z, one, 1)
+    mixed = 0
+    for _ in range(40):
+        assert torch.allclose(opt.solution(x)[i:i + 1], fista.solution(z), rtol=1e-5, atol=1e-6)
+        mixed += not bool(opt.state[x]["handoff"].all())
+        _steps(opt, x, prob, 1)
+        _steps(fista, z, one, 1)
+    assert mixed > 0
+
+
+def test_mathgd_hands_off_to_ista():
+    """An architecture without a separate prox iterate hands off to ISTA steps from y_k."""
+    prob = Lasso(m=30, n=60, sparsity=6).sample(1, generator=torch.Generator().manual_seed(4))
+    s = prob.step_size()
+    x = prob.x0().requires_grad_(True)
+    opt = torch_l2o.MathGD([x], prox="l1", lam=LAM, lr=s, weights="untrained", instance_dims=1, handoff=0.3)
+    for _ in range(100):
+        _steps(opt, x, prob, 1)
+        if bool(opt.state[x]["handoff"].all()):
+            break
+    assert bool(opt.state[x]["handoff"].all())
+    z = x.detach().clone().requires_grad_(True)
+    ista = torch_l2o.ISTA([z], prox="l1", lam=LAM, lr=s, instance_dims=1)
+    for _ in range(10):
+        _steps(opt, x, prob, 1)
+        _steps(ista, z, prob, 1)
+        assert torch.allclose(x, z, rtol=1e-6, atol=1e-7)
 
 
 def test_the_handoff_fires_per_instance_at_its_threshold():
@@ -296,3 +345,23 @@ def test_state_dict_round_trip_after_a_handoff():
     _steps(opt2, x2, prob, 15)
     assert torch.equal(x, x2) and torch.equal(opt.solution(x), opt2.solution(x2))
     assert torch.equal(opt.state[x]["handoff"], opt2.state[x2]["handoff"])
+
+
+def test_a_state_saved_before_the_handoff_existed_loads_and_takes_this_optimizers_threshold():
+    prob = Lasso(m=40, n=80, sparsity=8).sample(2, generator=torch.Generator().manual_seed(6))
+    x = prob.x0().requires_grad_(True)
+    opt = torch_l2o.PAGRU([x], prox="l1", lam=LAM, lr=prob.step_size(), weights="lasso-mix", instance_dims=1)
+    _steps(opt, x, prob, 3)
+    old = copy.deepcopy(opt.state_dict())
+    for st in old["state"].values():
+        st.pop("handoff")
+    for g in old["param_groups"]:
+        g.pop("handoff")
+    x2 = x.detach().clone().requires_grad_(True)
+    opt2 = torch_l2o.PAGRU([x2], prox="l1", lam=LAM, lr=prob.step_size(), weights="lasso-mix", instance_dims=1)
+    opt2.load_state_dict(old)
+    assert opt2.param_groups[0]["handoff"] == opt2.weights_info["card"]["handoff"]
+    _steps(opt, x, prob, 60)
+    _steps(opt2, x2, prob, 60)
+    assert torch.equal(x, x2) and torch.equal(opt.state[x]["handoff"], opt2.state[x2]["handoff"])
+    assert bool(opt2.state[x2]["handoff"].any())

@@ -717,8 +717,9 @@ static void scales(const Args& a, int64_t per, float* out) {
 // above (torch_l2o.optim.watchdog._records defines it, in numpy and torch): G = sqrt(G2) / s
 // (NaN -> inf, inf -> DBL_MAX, as torch.nan_to_num), the running minimum, its mark and the
 // steps since it halved updated in place, the best point copied where G is a new minimum,
-// fresh[b] set where the instance diverges or stalls now. Returns the number of instances
-// fallen back, before or now. Rounded op by op as numpy rounds (no contraction).
+// fresh[b] set where the instance diverges or stalls now, handed[b] where it hands off now
+// (G <= handoff G0). Returns the number of instances off the learned step (fallen back or
+// handed off), before or now. Rounded op by op as numpy rounds (no contraction).
 struct Watch {  // mirrored by cpu_step.py's _Watch
   const double* step; double step_scalar;     // s per instance, or one number (step == NULL)
   double* wd_min; double* wd_mark; const double* wd_G0; int64_t* since;

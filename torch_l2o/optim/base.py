@@ -323,7 +323,10 @@ class ProxOptimizer(Optimizer):
         """As ``torch.optim.Optimizer.load_state_dict``, except that only the iterates
         (``x`` and the step-size mechanism's copies) are cast to the parameter's dtype:
         momentum and step-size sequences (float64), recurrent states (float32) and
-        counters keep their saved dtype."""
+        counters keep their saved dtype. An option the saved groups lack (a state saved
+        before it existed, such as ``handoff``) keeps this optimizer's value, as torch's
+        optimizers default a new option in ``__setstate__``."""
+        current = [{k: v for k, v in g.items() if k != "params"} for g in self.param_groups]
         saved_ids = list(chain.from_iterable(g["params"] for g in state_dict["param_groups"]))
         params = list(chain.from_iterable(g["params"] for g in self.param_groups))
         keep, cast = {}, {}
@@ -332,6 +335,9 @@ class ProxOptimizer(Optimizer):
             keep[p] = {k: v for k, v in st.items() if k not in self._param_like_keys and isinstance(v, Tensor)}
             cast[p] = {k: v for k, v in st.items() if k in self._param_like_keys and isinstance(v, Tensor)}
         super().load_state_dict(state_dict)
+        for group, options in zip(self.param_groups, current):
+            for k, v in options.items():
+                group.setdefault(k, v)
         for p, vals in keep.items():
             for k, v in vals.items():
                 self.state[p][k] = v.detach().clone().to(p.device)

@@ -78,10 +78,11 @@ _PROX_ARGS = """
             model (needs ``step(closure)``; extrapolating architectures).
         watchdog: move an instance whose learned steps diverge or stall to the classical
             step from its best point, with one warning (default ``True``).
-        handoff: hand an instance to FISTA-restart steps, from where it is, once its
-            prox-gradient residual is ``handoff`` times its first (a number in (0, 1), or
-            ``None``: never); default ``"calibrated"``, the weights' card's value (the
-            mixture weights: 1e-2; none for the others). Needs the watchdog.""" + _COMMON_ARGS
+        handoff: hand an instance to FISTA-restart steps (ISTA for an architecture without
+            a separate prox iterate), from where it is, once its prox-gradient residual is
+            ``handoff`` times its first (a number in (0, 1), or ``None``: never); default
+            ``"calibrated"``, the weights' card's value (the mixture weights: 1e-2; none for
+            the others). Needs the watchdog.""" + _COMMON_ARGS
 
 _OUTPUT_ARGS = """
     Args:
@@ -297,16 +298,16 @@ class ProxLearnedOptimizer(LearnedOptimizer):
             raise ValueError(f"{name}: safeguard=True needs an architecture with a prox iterate "
                              f"apart from the gradient point; {self.architecture.display_name} has none")
         h = group.get("handoff")
-        if h == "calibrated":  # the card's threshold, where the watchdog that measures it runs
+        watched = group.get("watchdog") and not group.get("safeguard")  # the watchdog measures the residual
+        if h == "calibrated":  # the card's threshold, where the watchdog runs
             h = (self.weights_info.get("card") or {}).get("handoff")
-            group["handoff"] = float(h) if h is not None and group.get("watchdog") and not group.get("safeguard") \
-                else None
+            group["handoff"] = float(h) if h is not None and watched else None
         elif h is not None:
             if isinstance(h, bool) or not isinstance(h, (int, float)) or not 0 < h < 1:
                 raise ValueError(f"{name}: handoff must be a number in (0, 1) (the residual, relative to the "
                                  f"first, at which an instance hands off to FISTA-restart), None (never) or "
                                  f"'calibrated' (the weights' card); got {h!r}")
-            if not group.get("watchdog") or group.get("safeguard"):
+            if not watched:
                 raise ValueError(f"{name}: handoff={h!r} needs the watchdog, which measures the residual, and no "
                                  "safeguard (which runs FISTA-restart alongside instead): pass watchdog=True and "
                                  "safeguard=False, or handoff=None")

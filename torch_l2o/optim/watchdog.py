@@ -20,7 +20,8 @@ the first such instance of a param group and marks every one in ``state[p]["watc
 **Handoff.** The same record serves a second, planned exit: with ``handoff=h`` an
 instance whose residual reaches ``G_k <= h G_0`` leaves the learned step for good and
 continues with FISTA-restart steps *from where it is* (the step that hands off is
-FISTA-restart's from ``(y_k, x_k)`` with ``t = 1``, a restart), without a warning; it is
+FISTA-restart's from ``(y_k, x_k)`` with ``t = 1``, a restart; ISTA steps from ``y_k`` for
+architectures without a separate prox iterate, such as MathGD), without a warning; it is
 marked in ``state[p]["handoff"]``, not in ``"watchdog"``. Why: out of their training
 family the learned steps gain most early and least late (PA-GRU's mixture weights reach
 1e-3 relative error in 0.56-0.89x FISTA-restart's iterations on the ood suite's twelve
@@ -140,12 +141,8 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
         s0.setdefault("handoff", torch.zeros_like(s0["watchdog"]))  # a state from before the handoff
         if bool(_host(_off(s0)).all()):  # all left the learned step for good: nothing left to watch
             off = _off(s0)
-            if extrapolates:  # FISTA-restart's own step, in place: it costs what torch_l2o.FISTA's does
-                _, _, s0["wd_t"] = fista_update(ys, grads, [s["x"] for s in states], s0["wd_t"], lrs=lrs, prox=prox,
-                                                params=prox_params, restart=True, instance_dims=k, inplace=True)
-                return Plan(off, [], [], done=True)
             return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off,
-                             torch.zeros_like(off))
+                             torch.zeros_like(off), inplace=True)
     eps = torch.finfo(params[0].dtype).eps
     if "wd_min" in s0 and len(ys) == 1:  # the common case in one call of the fused CPU loop's library
         done = watch_records(ys[0], grads[0], lrs[0], prox, prox_params, k, s0, states[0]["wd_best"], _rule(eps),
@@ -255,12 +252,18 @@ def _records(xp, G, rec, eps, handoff=None):
     return better, new
 
 
-def _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, new) -> Plan:
+def _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off, new, inplace=False) -> Plan:
     """The instances already off the learned step (``off``; one handed off this step
     included: its ``t`` is still 1, a restart) take the FISTA-restart step (the optimizer's
     own update function), or the ISTA step T y_k; those falling back now (``new``) restart
-    at their best point; the state of the others is left as it is."""
+    at their best point; the state of the others is left as it is. ``inplace`` (every
+    instance off, none new): FISTA-restart's step is taken in place, as ``torch_l2o.FISTA``
+    takes it, and the plan is done (an out-of-place step and its copy-back cost 1.5x)."""
     t = s0["wd_t"]
+    if inplace and extrapolates:
+        _, _, s0["wd_t"] = fista_update(ys, grads, [s["x"] for s in states], t, lrs=lrs, prox=prox,
+                                        params=prox_params, restart=True, instance_dims=k, inplace=True)
+        return Plan(off, [], [], done=True)
     if extrapolates:
         xs_f, ys_f, t_f = fista_update(ys, grads, [s["x"] for s in states], t, lrs=lrs, prox=prox,
                                        params=prox_params, restart=True, instance_dims=k)
