@@ -206,12 +206,28 @@ def _figures(arch, family_name, runs, only):
     figs["learned"]["worst_ratio_to_fista_after_100"] = max(
         max(fl[k], floor) / max(ff[k], floor) for k in range(100, len(fl)))
     figs["learned"]["diverged"] = not all(math.isfinite(e) for e in fl)
-    base = figs.get("fista_restart", {}).get("iterations_to_1e-06")
     for name, f in figs.items():
-        if name.startswith("learned") and base and f.get("iterations_to_1e-06"):
-            f["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / f["iterations_to_1e-06"], 3)
+        if name.startswith("learned"):
+            _vs_fista_restart(figs, f)
     figs["targets"] = _targets(arch, family_name, figs)
     return figs
+
+
+def _vs_fista_restart(figs: dict, f: dict) -> None:
+    """Set ``f``'s ratio FISTA-restart's iterations to 1e-6 (from the card figures ``figs``)
+    over its own, where both reached 1e-6."""
+    base = figs.get("fista_restart", {}).get("iterations_to_1e-06")
+    if base and f.get("iterations_to_1e-06"):
+        f["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / f["iterations_to_1e-06"], 3)
+
+
+def _save_added(card: dict, card_path: Path, runs, t0: float, command: str) -> None:
+    """Record on the card what a later command added (runs, seconds, machine) and write it."""
+    card["validation"].setdefault("added", []).append({
+        "runs": runs, "seconds": round(time.perf_counter() - t0, 1),
+        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
+        "command": f"python pretrained/train.py {command}"})
+    card_path.write_text(json.dumps(card, indent=1, sort_keys=False) + "\n")
 
 
 def _ratio(fista, learned):
@@ -469,19 +485,13 @@ def add_figures(arch, out, family_name, family, names):
     figs = evaluate_composite(arch, net.state_dict(), net.config(), family_name, family, only=set(names))
     for name, f in figs.items():  # merged: a run's figures that only the full evaluation computes stay
         card["validation"]["figures"].setdefault(name, {}).update(f)
+    card_figs = card["validation"]["figures"]
     for name, f in figs.items():
-        base = card["validation"]["figures"].get("fista_restart", {}).get("iterations_to_1e-06")
-        if name.startswith("learned") and base and f.get("iterations_to_1e-06"):
-            f["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / f["iterations_to_1e-06"], 3)
-    learned = card["validation"]["figures"].get("learned", {})
-    base = card["validation"]["figures"].get("fista_restart", {}).get("iterations_to_1e-06")
-    if base and learned.get("iterations_to_1e-06"):
-        learned["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / learned["iterations_to_1e-06"], 3)
-    card["validation"].setdefault("added", []).append({
-        "runs": sorted(figs), "seconds": round(time.perf_counter() - t0, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "command": f"python pretrained/train.py --family {family_name} --arch {arch} --add-figures {' '.join(names)}"})
-    card_path.write_text(json.dumps(card, indent=1, sort_keys=False) + "\n")
+        if name.startswith("learned"):
+            _vs_fista_restart(card_figs, f)
+    _vs_fista_restart(card_figs, card_figs.get("learned", {}))
+    _save_added(card, card_path, sorted(figs), t0,
+                f"--family {family_name} --arch {arch} --add-figures {' '.join(names)}")
     print(json.dumps({"file": str(card_path), "added": figs}, indent=1), flush=True)
 
 
@@ -523,18 +533,13 @@ def calibrate_step(arch, out, family_name, family):
                                   only={f"learned_lr_none_x{best}"}, auto_lr_scales=(best,))[f"learned_lr_none_x{best}"]
     figs = card["validation"]["figures"]
     figs["learned_lr_none"] = measured
-    base = figs.get("fista_restart", {}).get("iterations_to_1e-06")
-    if base and measured.get("iterations_to_1e-06"):
-        measured["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / measured["iterations_to_1e-06"], 3)
+    _vs_fista_restart(figs, measured)
     card["auto_lr_scale"] = best
     card["validation"]["auto_lr_scale_calibration"] = {
         "seed": CALIBRATION_SEED, "instances": EVAL["instances"],
         **{str(c): {k: runs[c][k] for k in ("iterations_to_1e-04", "iterations_to_1e-06")} for c in AUTO_LR_SCALES}}
-    card["validation"].setdefault("added", []).append({
-        "runs": ["learned_lr_none", "auto_lr_scale_calibration"], "seconds": round(time.perf_counter() - t0, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "command": f"python pretrained/train.py --family {family_name} --arch {arch} --calibrate-step"})
-    card_path.write_text(json.dumps(card, indent=1, sort_keys=False) + "\n")
+    _save_added(card, card_path, ["learned_lr_none", "auto_lr_scale_calibration"], t0,
+                f"--family {family_name} --arch {arch} --calibrate-step")
     print(json.dumps({"file": str(card_path), "auto_lr_scale": best}), flush=True)
 
 
@@ -588,18 +593,12 @@ def calibrate_handoff(arch, out, family_name, family):
         measured = evaluate_composite(arch, net.state_dict(), net.config(), family_name, family,
                                       only={f"learned_handoff_{best:g}", f"learned_lr_none_handoff_{best:g}"},
                                       handoffs=(best,), auto_lr_scale=card.get("auto_lr_scale"))
-        base = card["validation"]["figures"].get("fista_restart", {}).get("iterations_to_1e-06")
         for name, f in measured.items():
-            if base and f.get("iterations_to_1e-06"):
-                f["fewer_iterations_than_fista_restart_to_1e-06"] = round(base / f["iterations_to_1e-06"], 3)
+            _vs_fista_restart(card["validation"]["figures"], f)
             short = name.replace(f"_{best:g}", "")  # learned_handoff, learned_lr_none_handoff
             card["validation"]["figures"][short] = f
             added.append(short)
-    card["validation"].setdefault("added", []).append({
-        "runs": added, "seconds": round(time.perf_counter() - t0, 1),
-        "machine": f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}",
-        "command": f"python pretrained/train.py --family {family_name} --arch {arch} --calibrate-handoff"})
-    card_path.write_text(json.dumps(card, indent=1, sort_keys=False) + "\n")
+    _save_added(card, card_path, added, t0, f"--family {family_name} --arch {arch} --calibrate-handoff")
     print(json.dumps({"file": str(card_path), "handoff": best}), flush=True)
 
 

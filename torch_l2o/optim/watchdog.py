@@ -138,9 +138,10 @@ def check(params: Sequence[Tensor], grads: Sequence[Tensor], states: Sequence[di
         if "wd_best" not in s:
             s["wd_best"] = y.clone()
     if "watchdog" in s0:
-        s0.setdefault("handoff", torch.zeros_like(s0["watchdog"]))  # a state from before the handoff
-        if bool(_host(_off(s0)).all()):  # all left the learned step for good: nothing left to watch
-            off = _off(s0)
+        if "handoff" not in s0:  # a state from before the handoff (not setdefault: no tensor per step)
+            s0["handoff"] = torch.zeros_like(s0["watchdog"])
+        off = _off(s0)
+        if bool(_host(off).all()):  # all left the learned step for good: nothing left to watch
             return _fallback(ys, grads, states, lrs, prox, prox_params, k, extrapolates, s0, off,
                              torch.zeros_like(off), inplace=True)
     eps = torch.finfo(params[0].dtype).eps
